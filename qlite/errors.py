@@ -1,0 +1,3 @@
+class QliteError(Exception):
+    """The one error type of qlite. Its message names the file, tensor or option at fault;
+    the CLI prints it as a single line and exits non-zero."""

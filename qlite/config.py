@@ -1,0 +1,151 @@
+"""Qwen2 / Qwen2-MoE configuration: one dataclass, read from an HF config.json.
+
+Both key styles found in the wild are read here and nowhere else: transformers 4 writes
+`rope_theta`, transformers 5 writes `rope_parameters: {"rope_type": "default", "rope_theta": ...}`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qlite.errors import QliteError
+
+ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+
+
+@dataclass
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    architecture: str = "Qwen2ForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    torch_dtype: str = "bfloat16"
+    # Qwen2-MoE only
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # Written by `qlite quantize`; None for a 16-bit checkpoint.
+    quantization: dict | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture == "Qwen2MoeForCausalLM"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen2-MoE's rule: a layer is sparse unless listed in mlp_only_layers, every
+        `decoder_sparse_step`-th layer counting from 1."""
+        return (self.is_moe and self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json this config was read from, in the transformers-4 key style."""
+        d = asdict(self)
+        d["architectures"] = [d.pop("architecture")]
+        d["model_type"] = "qwen2_moe" if self.is_moe else "qwen2"
+        d["use_sliding_window"] = False
+        if d["quantization"] is None:
+            del d["quantization"]
+        if not self.is_moe:
+            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                      "mlp_only_layers"):
+                del d[k]
+        return d
+
+
+def _rope_theta(raw: dict) -> float | None:
+    if "rope_theta" in raw:
+        return float(raw["rope_theta"])
+    params = raw.get("rope_parameters") or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return None
+
+
+def config_from_dict(raw: dict, source: str = "config.json") -> Config:
+    """Build a Config from a parsed config.json; `source` names the file in errors."""
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else {"qwen2": "Qwen2ForCausalLM",
+                                   "qwen2_moe": "Qwen2MoeForCausalLM"}.get(raw.get("model_type"))
+    if arch not in ARCHITECTURES:
+        raise QliteError(f"{source}: unsupported architecture {arch or raw.get('model_type')!r} "
+                         f"(qlite runs {', '.join(ARCHITECTURES)})")
+
+    for rope in (raw.get("rope_scaling"), raw.get("rope_parameters")):
+        kind = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+        if kind != "default":
+            raise QliteError(f"{source}: rope scaling {kind!r} is not supported yet")
+    if raw.get("use_sliding_window"):
+        raise QliteError(f"{source}: use_sliding_window=true (sliding_window="
+                         f"{raw.get('sliding_window')}) is not supported yet")
+
+    def need(key):
+        if raw.get(key) is None:
+            raise QliteError(f"{source}: missing field {key!r}")
+        return raw[key]
+
+    heads = int(need("num_attention_heads"))
+    eos = raw.get("eos_token_id")
+    cfg = Config(
+        architecture=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=int(need("hidden_size")),
+        intermediate_size=int(need("intermediate_size")),
+        num_hidden_layers=int(need("num_hidden_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(raw) or 10000.0,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        quantization=raw.get("quantization"),
+    )
+    if cfg.hidden_size % heads or heads % cfg.num_key_value_heads:
+        raise QliteError(f"{source}: num_attention_heads={heads} must divide hidden_size="
+                         f"{cfg.hidden_size} and be a multiple of num_key_value_heads="
+                         f"{cfg.num_key_value_heads}")
+    if cfg.is_moe:
+        cfg.num_experts = int(need("num_experts"))
+        cfg.num_experts_per_tok = int(need("num_experts_per_tok"))
+        cfg.moe_intermediate_size = int(need("moe_intermediate_size"))
+        cfg.shared_expert_intermediate_size = int(raw.get("shared_expert_intermediate_size") or 0)
+        cfg.norm_topk_prob = bool(raw.get("norm_topk_prob", False))
+        cfg.decoder_sparse_step = int(raw.get("decoder_sparse_step", 1))
+        cfg.mlp_only_layers = list(raw.get("mlp_only_layers") or [])
+        if cfg.decoder_sparse_step < 1:
+            raise QliteError(f"{source}: decoder_sparse_step must be >= 1")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read config.json from a model directory (or the file itself)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise QliteError(f"{file}: no config.json found (is this a model directory?)")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise QliteError(f"{file}: not valid JSON ({e})") from None
+    return config_from_dict(raw, str(file))

@@ -1,0 +1,156 @@
+"""`qlite.load`: a model directory -> a ready Qwen2 on the chosen device and dtype.
+
+The model is built on the `meta` device (no memory), the checkpoint's headers are checked
+against it, then each tensor is read from the memory-mapped file and moved straight to its
+device and dtype: there is never a second full copy of the model in RAM.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from qlite.checkpoint import TensorInfo, read_checkpoint
+from qlite.config import load_config
+from qlite.errors import QliteError
+from qlite.model import Qwen2
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+# Published MoE checkpoints store each routed expert apart; the model stacks them.
+_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise QliteError(f"--dtype {dtype!r}: choose one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def resolve_model_dir(path, progress: Progress | None = None) -> Path:
+    if str(path) == "demo":
+        from qlite.pull import pull_demo
+        return pull_demo(progress=progress)
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise QliteError(f"{path}: no such model directory")
+    return path
+
+
+def _sources(model: nn.Module, tensors: dict[str, TensorInfo]):
+    """For each model tensor, where its data comes from: [(checkpoint name, row slice)].
+
+    A stacked expert tensor missing from the checkpoint is gathered from per-expert tensors
+    (`experts.E.gate_proj.weight` fills rows [:I] of `experts.gate_up_proj[E]`)."""
+    sources = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        stem, _, part = key.rpartition(".")
+        if key in tensors or part not in _EXPERT_PARTS or not stem.endswith("experts"):
+            sources[key] = [(key, None)]
+            continue
+        num, rows = t.shape[0], t.shape[1] // len(_EXPERT_PARTS[part])
+        sources[key] = [(f"{stem}.{e}.{name}.weight", (e, slice(i * rows, (i + 1) * rows)))
+                        for e in range(num) for i, name in enumerate(_EXPERT_PARTS[part])]
+    return sources
+
+
+def _check(model: nn.Module, sources, tensors: dict[str, TensorInfo], where: Path):
+    params = model.state_dict(keep_vars=True)
+    tied = model.config.tie_word_embeddings
+    wanted = set()
+    for key, parts in sources.items():
+        if tied and key == "lm_head.weight":
+            continue
+        for name, index in parts:
+            wanted.add(name)
+            info = tensors.get(name)
+            if info is None:
+                raise QliteError(f"{where}: tensor {name!r} is missing from the checkpoint")
+            shape = tuple(params[key].shape if index is None else params[key][index].shape)
+            if info.shape != shape:
+                raise QliteError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                 f"the config says {list(shape)}")
+    extra = [n for n in tensors if n not in wanted and not _IGNORED.match(n)
+             and not (tied and n == "lm_head.weight")]
+    if extra:
+        raise QliteError(f"{tensors[extra[0]].file}: unexpected tensor {extra[0]!r}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def load_weights(model: nn.Module, model_dir: Path, device, dtype: torch.dtype,
+                 progress: Progress | None = None):
+    """Fill a meta-device model from the checkpoint in model_dir, tensor by tensor.
+    Floating-point tensors take `dtype`; integer (packed) tensors keep theirs."""
+    tensors = read_checkpoint(model_dir)
+    sources = _sources(model, tensors)
+    _check(model, sources, tensors, model_dir)
+    params = model.state_dict(keep_vars=True)
+    total = sum(tensors[n].nbytes for parts in sources.values() for n, _ in parts if n in tensors)
+    done = 0
+    handles = {}
+
+    def read(name):
+        info = tensors[name]
+        if info.file not in handles:
+            handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        t = handles[info.file].get_tensor(name)
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    for key, parts in sources.items():
+        if model.config.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        if parts[0][1] is None:
+            value = read(parts[0][0])
+        else:
+            like = params[key]
+            value = torch.empty(like.shape, device=device,
+                                dtype=dtype if like.is_floating_point() else like.dtype)
+            for name, index in parts:
+                value[index] = read(name)
+        _set_tensor(model, key, value)
+        done += sum(tensors[n].nbytes for n, _ in parts)
+        if progress:
+            progress("loading weights", done, total)
+    handles.clear()
+
+
+def load(path="demo", device="cpu", dtype=None, progress: Progress | None = None) -> Qwen2:
+    """Load a Qwen2 / Qwen2-MoE model directory (or "demo") ready for inference.
+
+    `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply."""
+    model_dir = resolve_model_dir(path, progress)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QliteError(f"--device {device}: CUDA is not available on this machine")
+    dtype = resolve_dtype(dtype, device)
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    load_weights(model, model_dir, device, dtype, progress)
+    model.tie_weights()
+    model.eval()
+    from qlite.tokenizer import Tokenizer
+    model.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() \
+        else None
+    model.model_dir = model_dir
+    return model

@@ -1,0 +1,257 @@
+"""Qwen2 and Qwen2-MoE in one file.
+
+Pre-norm decoder: x += attn(rmsnorm(x)); x += mlp(rmsnorm(x)). Attention has q/k/v bias, rotary
+positions and grouped KV heads (MHA, GQA and MQA are the same code). The MLP is SwiGLU, or in
+sparse layers the MoE block: a softmax router picks top-k routed experts, and a shared expert is
+added behind a sigmoid gate.
+
+The KV cache is preallocated (static) and positions are explicit, so a left-padded batch and a
+one-token decode step go through the same code as a prefill.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qlite.config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T], computed in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                            dtype=torch.float32) / head_dim)
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; the two halves of the head dimension rotate as (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B, Hkv, T, D] at slots start..start+T; return all filled slots."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads,
+                                                  cfg.num_key_value_heads, cfg.head_dim)
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, start):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start is not None:
+            k, v = self.cache.update(start, k, v)
+        # mask None means plain causal attention with as many keys as queries (or one query).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and t > 1,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
+    """Sort the (token, slot) pairs of a routing decision by expert.
+
+    Returns `order` (indices into the flattened [N*k] routing, grouped by expert) and
+    `counts` [num_experts] (how many pairs each expert received); token index = order // k.
+    """
+    flat = topk_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts
+
+
+class Experts(nn.Module):
+    """The routed experts of one MoE layer, stacked: the narrow interface that quantized and
+    offloaded experts implement too. forward(x [N, D], topk_ids [N, k], topk_weights [N, k])
+    returns sum_j topk_weights[n, j] * expert_{topk_ids[n, j]}(x[n])."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts, self.hidden = num_experts, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+
+    def forward(self, x, topk_ids, topk_weights):
+        k = topk_ids.shape[1]
+        order, counts = group_by_expert(topk_ids, self.num_experts)
+        out = torch.zeros_like(x)
+        begin = 0
+        for e, n in enumerate(counts.tolist()):  # only experts that received tokens do work
+            if n == 0:
+                continue
+            pairs = order[begin:begin + n]
+            begin += n
+            tokens = pairs // k
+            gate, up = F.linear(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, tokens, y * topk_weights.flatten()[pairs, None])
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        d = cfg.hidden_size
+        self.gate = nn.Linear(d, cfg.num_experts, bias=False)  # the router
+        self.experts = Experts(cfg.num_experts, d, cfg.moe_intermediate_size)
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(d, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+
+    def route(self, x: torch.Tensor):
+        """Top-k experts per token from an fp32 softmax over the router logits."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(x.dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, weights = self.route(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size,
+                                                                cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2(nn.Module):
+    """The causal LM. State-dict names follow the HF checkpoints (`model.layers.0...`,
+    `lm_head.weight`), except that routed experts are stacked (see `Experts`)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cache_len = 0
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def setup_cache(self, batch: int, max_len: int):
+        """Preallocate the KV cache of every layer for `batch` rows of `max_len` slots."""
+        p = self.model.norm.weight
+        cfg = self.config
+        dtype = self.model.embed_tokens.weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, max_len, cfg.num_key_value_heads,
+                                            cfg.head_dim, p.device, dtype)
+        self.cache_len = max_len
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T].
+
+        Without `start`: a plain causal forward, no cache involved. `attention_mask` [B, T]
+        (1 = token, 0 = left padding) masks padding; positions then count real tokens only.
+        With `start` (after setup_cache): the tokens fill cache slots start..start+T and attend
+        to every filled slot; `attention_mask` then covers all start+T slots.
+        """
+        b, t = input_ids.shape
+        end = t if start is None else start + t
+        if start is not None and end > self.cache_len:
+            raise ValueError(f"KV cache holds {self.cache_len} tokens, asked for {end}")
+        if positions is None:
+            if attention_mask is None:
+                positions = torch.arange(end - t, end, device=input_ids.device).expand(b, t)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, end - t:]
+        mask = None
+        if attention_mask is not None or (start not in (None, 0) and t > 1):
+            mask = self._mask(attention_mask, b, t, end, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, start)
+        return self.lm_head(self.model.norm(x))
+
+    @staticmethod
+    def _mask(attention_mask, b, t, end, device):
+        """Boolean [B, 1, T, end]: causal over slots, padding slots hidden. A query that is
+        itself padding still sees its own slot, so no row is empty (an empty row is NaN)."""
+        q_slot = torch.arange(end - t, end, device=device)[:, None]
+        k_slot = torch.arange(end, device=device)[None, :]
+        mask = (k_slot <= q_slot)[None]
+        if attention_mask is not None:
+            mask = (mask & attention_mask.bool()[:, None, :end]) | (k_slot == q_slot)[None]
+        return mask.expand(b, t, end)[:, None]

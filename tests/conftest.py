@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Qwen2 / Qwen2-MoE checkpoints saved by transformers (the
+reference), and the real demo model, pulled once per test session."""
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48, norm_topk_prob=False,
+                decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def save_tiny(path, moe=False, seed=0, **overrides):
+    """Save a random transformers Qwen2(-MoE) model with `overrides` to `path`; return it."""
+    import transformers
+    torch.manual_seed(seed)
+    params = dict(TINY_MOE if moe else TINY, **overrides)
+    if moe:
+        cfg = transformers.Qwen2MoeConfig(**params)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**params)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # HF initialises biases and norms to constants: make them random
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_dense")
+    return path, save_tiny(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_moe")
+    return path, save_tiny(path, moe=True)

@@ -134,10 +134,12 @@ def load_weights(model: nn.Module, model_dir: Path, device, dtype: torch.dtype,
     handles.clear()
 
 
-def load(path="demo", device="cpu", dtype=None, progress: Progress | None = None) -> Qwen2:
+def load(path="demo", device="cpu", dtype=None, context: int | None = None,
+         progress: Progress | None = None) -> Qwen2:
     """Load a Qwen2 / Qwen2-MoE model directory (or "demo") ready for inference.
 
-    `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply."""
+    `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply.
+    `context` caps the context window (default: the config's max_position_embeddings)."""
     model_dir = resolve_model_dir(path, progress)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -153,4 +155,9 @@ def load(path="demo", device="cpu", dtype=None, progress: Progress | None = None
     model.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() \
         else None
     model.model_dir = model_dir
+    if context is not None:
+        if not 0 < context <= config.max_position_embeddings:
+            raise QliteError(f"--context {context}: must be between 1 and "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+        model.max_context = context
     return model

@@ -201,6 +201,13 @@ class Qwen2(nn.Module):
         self.model = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache_len = 0
+        self.max_context = cfg.max_position_embeddings  # load(context=...) may lower it
+        self.tokenizer = None  # set by qlite.load when the model directory has one
+
+    def generate(self, prompt, **kwargs):
+        """Stream a chat reply: see qlite.generate.generate."""
+        from qlite.generate import generate
+        return generate(self, prompt, **kwargs)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:

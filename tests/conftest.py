@@ -3,7 +3,7 @@ reference), and the real demo model, pulled once per test session."""
 import pytest
 import torch
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
 TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -11,8 +11,38 @@ TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_siz
                 decoder_sparse_step=1, mlp_only_layers=[])
 
 
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer():
+    """A real byte-level BPE tokenizer (Qwen2's pre-tokenizer pieces) trained on a standard
+    library source file: 256 byte tokens, merges up to 317 ids, then the ChatML specials."""
+    import inspect
+    import json as json_module
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=317, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([inspect.getsource(json_module.decoder)] * 2, trainer)
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def save_tokenizer(path, chat_template=None):
+    from pathlib import Path
+    import json
+    tiny_tokenizer().save(str(Path(path) / "tokenizer.json"))
+    cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
 def save_tiny(path, moe=False, seed=0, **overrides):
-    """Save a random transformers Qwen2(-MoE) model with `overrides` to `path`; return it."""
+    """Save a random transformers Qwen2(-MoE) model with `overrides` and a tiny tokenizer to
+    `path`; return the transformers model (the reference)."""
     import transformers
     torch.manual_seed(seed)
     params = dict(TINY_MOE if moe else TINY, **overrides)
@@ -28,6 +58,7 @@ def save_tiny(path, moe=False, seed=0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
     model.eval()
     model.save_pretrained(path)
+    save_tokenizer(path)
     return model
 
 

@@ -81,3 +81,37 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
                 raise QliteError(f"{file}: tensor {name!r} also in {tensors[name].file.name}")
             tensors[name] = info
     return tensors
+
+
+def describe(path) -> str:
+    """`qlite inspect`: architecture, parameter count, tensor dtypes and bytes on disk."""
+    from collections import Counter
+    from qlite.config import load_config
+    model_dir = Path(path)
+    cfg = load_config(model_dir)
+    tensors = read_checkpoint(model_dir)
+    params = Counter()
+    nbytes = Counter()
+    for t in tensors.values():
+        n = 1
+        for s in t.shape:
+            n *= s
+        params[t.dtype] += n
+        nbytes[t.dtype] += t.nbytes
+    files = checkpoint_files(model_dir)
+    lines = [f"{model_dir}",
+             f"  architecture   {cfg.architecture}",
+             f"  layers         {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads "
+             f"{cfg.num_attention_heads} (kv {cfg.num_key_value_heads}), vocab {cfg.vocab_size}"]
+    if cfg.is_moe:
+        lines.append(f"  experts        {cfg.num_experts} routed (top {cfg.num_experts_per_tok}),"
+                     f" shared {cfg.shared_expert_intermediate_size}")
+    lines.append(f"  tensors        {len(tensors)} in {len(files)} file(s), "
+                 f"{sum(f.stat().st_size for f in files) / 1e6:,.1f} MB on disk")
+    for dtype in sorted(params):
+        lines.append(f"  {dtype:<14} {params[dtype] / 1e6:,.1f}M elements, "
+                     f"{nbytes[dtype] / 1e6:,.1f} MB")
+    if cfg.quantization:
+        q = cfg.quantization
+        lines.append("  quantization   " + ", ".join(f"{k}={v}" for k, v in q.items()))
+    return "\n".join(lines)

@@ -16,11 +16,12 @@ from qlite.errors import QliteError
 
 @dataclass
 class SamplingParams:
+    """Defaults are the ones Qwen2.5 publishes in its generation_config.json."""
     max_new_tokens: int = 512
     temperature: float = 0.7      # 0 = greedy
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # 1 = off
-    repetition_penalty: float = 1.0
+    top_k: int = 20               # 0 = off
+    top_p: float = 0.8            # 1 = off
+    repetition_penalty: float = 1.05
     seed: int | None = None
     stop: tuple[str, ...] = ()
 

@@ -1,0 +1,176 @@
+"""The `qlite` command. Errors of ours print as one line and exit with status 1."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from qlite.errors import QliteError
+from qlite.generate import SamplingParams
+
+
+def progress_printer(stream=sys.stderr):
+    """A progress callback drawing one updating line per stage on stderr."""
+    state = {"stage": None, "t": 0.0}
+
+    def show(stage: str, done: int, total: int):
+        now = time.monotonic()
+        if stage != state["stage"]:
+            if state["stage"] is not None:
+                stream.write("\n")
+            state["stage"] = stage
+        elif done < total and now - state["t"] < 0.1:
+            return
+        state["t"] = now
+        pct = 100.0 * done / total if total else 100.0
+        size = (f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MiB" if total > 2**20
+                else f"{done}/{total}")
+        stream.write(f"\r{stage}: {pct:5.1f}% ({size})")
+        if done >= total:
+            stream.write("\n")
+            state["stage"] = None
+        stream.flush()
+
+    return show
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
+                   "(default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--context", type=int, default=None, help="context window cap in tokens")
+
+
+def _add_sampling_args(p):
+    d = SamplingParams()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    from qlite.loader import load
+    return load(args.model, device=args.device, dtype=args.dtype, context=args.context,
+                progress=progress_printer())
+
+
+def cmd_generate(args):
+    model = _load(args)
+    gen = model.generate(args.prompt, raw=args.raw, **_sampling(args))
+    for piece in gen:
+        print(piece, end="", flush=True)
+    print()
+    print(gen.stats.summary())
+
+
+def cmd_repl(args):
+    """A plain-text chat loop (the Textual TUI is `qlite chat`)."""
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("qlite chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        gen = model.generate(messages, **_sampling(args))
+        reply = ""
+        try:
+            for piece in gen:
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, keeps what came
+            pass
+        print()
+        if gen.stats.dropped_messages:
+            print(f"[{gen.stats.dropped_messages} oldest messages left out to fit the context]",
+                  file=sys.stderr)
+        print(f"[{gen.stats.summary()}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_chat(args):
+    from qlite.tui import main as tui_main
+    tui_main(model=args.model, device=args.device, dtype=args.dtype, context=args.context)
+
+
+def cmd_inspect(args):
+    from qlite.checkpoint import describe
+    print(describe(args.path))
+
+
+def cmd_pull(args):
+    if args.name != "demo":
+        raise QliteError(f"qlite pull {args.name}: only 'demo' can be pulled (no model hub here)")
+    from qlite.pull import pull_demo
+    print(pull_demo(progress=progress_printer()))
+
+
+def cmd_convert_gguf(args):
+    from qlite.gguf import convert_gguf
+    print(convert_gguf(args.gguf, args.out, progress=progress_printer()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt, streaming")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="the terminal chat (Textual)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("repl", help="a plain-text chat loop")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_repl)
+
+    p = sub.add_parser("inspect", help="architecture, parameters, dtypes, bytes on disk")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pull", help="download and convert the demo model")
+    p.add_argument("name", choices=["demo"])
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert-gguf", help="GGUF file -> HF-style model directory")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_convert_gguf)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QliteError as e:
+        print(f"qlite: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

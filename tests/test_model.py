@@ -1,0 +1,122 @@
+"""The model matches transformers on tiny random checkpoints, with and without the KV cache.
+
+Tolerance: max |logit difference| <= 1e-4 in float32. Both sides run the same math in the same
+order up to the summation order inside matmuls and expert accumulation (~1e-7 here)."""
+import pytest
+import torch
+from conftest import save_tiny
+
+import qlite
+
+VARIANTS = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "mqa": dict(num_key_value_heads=1),
+    "tied": dict(tie_word_embeddings=True),
+}
+MOE_VARIANTS = {
+    "moe": dict(),
+    "moe_norm_topk": dict(norm_topk_prob=True),
+    "moe_sparse_step_2": dict(decoder_sparse_step=2, num_hidden_layers=3),
+    "moe_mlp_only_layers": dict(mlp_only_layers=[1], num_hidden_layers=3),
+}
+
+
+def _pair(tmp_path, moe, overrides):
+    ref = save_tiny(tmp_path, moe=moe, **overrides)
+    return qlite.load(tmp_path, dtype="float32"), ref
+
+
+@pytest.mark.parametrize("name", list(VARIANTS) + list(MOE_VARIANTS))
+def test_logits_match_transformers(tmp_path, name):
+    moe = name in MOE_VARIANTS
+    model, ref = _pair(tmp_path, moe, {**VARIANTS, **MOE_VARIANTS}[name])
+    ids = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(ids) - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_tied_checkpoint_has_no_lm_head_and_shares_the_embedding(tmp_path):
+    model, _ = _pair(tmp_path, False, dict(tie_word_embeddings=True))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_cached_decode_equals_uncached_forward_at_every_step(tiny_dense, tiny_moe, moe):
+    path, _ = tiny_moe if moe else tiny_dense
+    model = qlite.load(path)
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(1, 32)
+    with torch.no_grad():
+        full = model(ids)
+        logits = [model(ids[:, :8], start=0)]
+        for t in range(8, 20):
+            logits.append(model(ids[:, t:t + 1], start=t))
+    assert (torch.cat(logits, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_chunked_prefill_into_the_cache_equals_one_prefill(tiny_dense):
+    model = qlite.load(tiny_dense[0])
+    ids = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(3))
+    model.setup_cache(1, 16)
+    with torch.no_grad():
+        full = model(ids)
+        parts = torch.cat([model(ids[:, :10], start=0), model(ids[:, 10:], start=10)], dim=1)
+    assert (parts - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_left_padded_batch_equals_each_sequence_alone(tiny_dense, tiny_moe, moe):
+    path, _ = tiny_moe if moe else tiny_dense
+    model = qlite.load(path)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(0, 320, (1, 12), generator=g), torch.randint(0, 320, (1, 7), generator=g)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask)
+        alone_a, alone_b = model(a), model(b)
+    assert (out[0] - alone_a[0]).abs().max().item() <= 1e-4
+    assert (out[1, 5:] - alone_b[0]).abs().max().item() <= 1e-4
+    assert torch.isfinite(out).all()  # padding rows attend to themselves, never NaN
+
+
+def test_left_padded_batch_decodes_through_the_cache(tiny_dense):
+    model = qlite.load(tiny_dense[0])
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 320, (1, 9), generator=g), torch.randint(0, 320, (1, 6), generator=g)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], dim=1)])
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    nxt = torch.tensor([[7], [11]])
+    model.setup_cache(2, 16)
+    with torch.no_grad():
+        model(batch, attention_mask=mask[:, :9], start=0)
+        pos = (mask.cumsum(-1) - 1)[:, 9:]
+        step = model(nxt, attention_mask=mask, positions=pos, start=9)
+        want_a = model(torch.cat([a, nxt[:1]], dim=1))[0, -1]
+        want_b = model(torch.cat([b, nxt[1:]], dim=1))[0, -1]
+    assert (step[0, 0] - want_a).abs().max().item() <= 1e-4
+    assert (step[1, 0] - want_b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(tiny_moe, dtype):
+    # bf16 keeps 8 mantissa bits: logits of this 2-layer model stay within a few 1e-2.
+    path, _ = tiny_moe
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = qlite.load(path)(ids)
+        half = qlite.load(path, dtype=dtype)(ids)
+    assert half.dtype == getattr(torch, dtype)
+    assert (half.float() - ref).abs().max().item() <= 0.1
+
+
+def test_moe_routes_by_grouping_tokens_per_expert():
+    from qlite.model import group_by_expert
+    ids = torch.tensor([[3, 1], [1, 0], [3, 2]])
+    order, counts = group_by_expert(ids, 5)
+    assert counts.tolist() == [1, 2, 1, 2, 0]
+    assert ids.flatten()[order].tolist() == [0, 1, 1, 2, 3, 3]

@@ -40,7 +40,7 @@ def save_tokenizer(path, chat_template=None):
     (Path(path) / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
-def save_tiny(path, moe=False, seed=0, **overrides):
+def save_tiny(path, moe=False, seed=0, chat_template=None, **overrides):
     """Save a random transformers Qwen2(-MoE) model with `overrides` and a tiny tokenizer to
     `path`; return the transformers model (the reference)."""
     import transformers
@@ -58,7 +58,7 @@ def save_tiny(path, moe=False, seed=0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
     model.eval()
     model.save_pretrained(path)
-    save_tokenizer(path)
+    save_tokenizer(path, chat_template)
     return model
 
 

@@ -97,10 +97,11 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
         module._buffers[attr] = value
 
 
-def load_weights(model: nn.Module, model_dir: Path, device, dtype: torch.dtype,
-                 progress: Progress | None = None):
+def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], object],
+                 dtype: torch.dtype, progress: Progress | None = None):
     """Fill a meta-device model from the checkpoint in model_dir, tensor by tensor.
-    Floating-point tensors take `dtype`; integer (packed) tensors keep theirs."""
+    `place(name)` gives each model tensor's device. Floating-point tensors take `dtype`;
+    integer (packed) tensors keep theirs."""
     tensors = read_checkpoint(model_dir)
     sources = _sources(model, tensors)
     _check(model, sources, tensors, model_dir)
@@ -109,7 +110,7 @@ def load_weights(model: nn.Module, model_dir: Path, device, dtype: torch.dtype,
     done = 0
     handles = {}
 
-    def read(name):
+    def read(name, device):
         info = tensors[name]
         if info.file not in handles:
             handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
@@ -119,14 +120,15 @@ def load_weights(model: nn.Module, model_dir: Path, device, dtype: torch.dtype,
     for key, parts in sources.items():
         if model.config.tie_word_embeddings and key == "lm_head.weight":
             continue
+        device = place(key)
         if parts[0][1] is None:
-            value = read(parts[0][0])
+            value = read(parts[0][0], device)
         else:
             like = params[key]
             value = torch.empty(like.shape, device=device,
                                 dtype=dtype if like.is_floating_point() else like.dtype)
             for name, index in parts:
-                value[index] = read(name)
+                value[index] = read(name, device)
         _set_tensor(model, key, value)
         done += sum(tensors[n].nbytes for n, _ in parts)
         if progress:
@@ -135,20 +137,43 @@ def load_weights(model: nn.Module, model_dir: Path, device, dtype: torch.dtype,
 
 
 def load(path="demo", device="cpu", dtype=None, context: int | None = None,
-         progress: Progress | None = None) -> Qwen2:
+         progress: Progress | None = None, gpu_budget=None, expert_slots: int | None = None,
+         prefetch: bool = True, backend: str = "qlite") -> Qwen2:
     """Load a Qwen2 / Qwen2-MoE model directory (or "demo") ready for inference.
 
     `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply.
-    `context` caps the context window (default: the config's max_position_embeddings)."""
+    `context` caps the context window (default: the config's max_position_embeddings).
+    `gpu_budget` (bytes or "24GiB") or `expert_slots` keep the routed experts of an MoE model
+    in CPU memory with a device cache of experts (see qlite/offload.py)."""
     model_dir = resolve_model_dir(path, progress)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QliteError(f"--device {device}: CUDA is not available on this machine")
     dtype = resolve_dtype(dtype, device)
     config = load_config(model_dir)
+    offload = (gpu_budget is not None or expert_slots is not None)
+    if offload:
+        if not config.is_moe:
+            raise QliteError(f"{model_dir}: --gpu-budget/--expert-slots need an MoE model")
+        from qlite.offload import plan_offload
+        plan = plan_offload(config, device, dtype, gpu_budget, expert_slots,
+                            context or config.max_position_embeddings)
     with torch.device("meta"):
         model = Qwen2(config)
-    load_weights(model, model_dir, device, dtype, progress)
+    if config.quantization:
+        from qlite.quant import swap_to_quantized
+        swap_to_quantized(model, config.quantization)
+    # Offloaded experts stay in host memory; everything else goes to the device.
+    place = (lambda key: "cpu" if offload and ".experts." in key else device)
+    load_weights(model, model_dir, place, dtype, progress)
+    if backend == "bnb":
+        from qlite.bnb import to_bitsandbytes
+        to_bitsandbytes(model)
+    elif backend != "qlite":
+        raise QliteError(f"--backend {backend!r}: choose qlite or bnb")
+    if offload:
+        from qlite.offload import offload_experts
+        offload_experts(model, plan, prefetch=prefetch)
     model.tie_weights()
     model.eval()
     from qlite.tokenizer import Tokenizer

@@ -161,7 +161,7 @@ def load(path="demo", device="cpu", dtype=None, context: int | None = None,
     with torch.device("meta"):
         model = Qwen2(config)
     if config.quantization:
-        from qlite.quant import swap_to_quantized
+        from qlite.quantize import swap_to_quantized
         swap_to_quantized(model, config.quantization)
     # Offloaded experts stay in host memory; everything else goes to the device.
     place = (lambda key: "cpu" if offload and ".experts." in key else device)

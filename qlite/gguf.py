@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -388,6 +387,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary directory
         _write_weights(reader, cfg, path, tmp, progress)
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tokenizer_config(tok, added, cfg))
@@ -404,27 +404,3 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
 
 def _write_json(file: Path, obj):
     file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def stderr_progress(stage: str, done: int, total: int, _state={"last": None}) -> None:
-    """A progress callback for the CLI: one updating line per stage on a terminal, a line per
-    ~10% step otherwise (logs stay short)."""
-    tty = sys.stderr.isatty()
-    pct = 100 * done // max(total, 1)
-    key = (stage, pct if tty else pct // 10)
-    if key == _state["last"] and done != total:
-        return
-    _state["last"] = key
-    unit = f"{done / 2**20:.0f}/{total / 2**20:.0f} MiB" if total > 1 << 20 else f"{done}/{total}"
-    line = f"{stage}: {unit} ({pct}%)"
-    if tty:
-        print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
-def cli_convert_gguf(gguf_path: str, out_dir: str) -> Path:
-    """`qlite convert-gguf FILE.gguf OUT_DIR`: progress on stderr, the directory last on stdout."""
-    out = convert_gguf(gguf_path, out_dir, progress=stderr_progress)
-    print(out)
-    return out

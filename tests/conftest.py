@@ -72,3 +72,24 @@ def tiny_dense(tmp_path_factory):
 def tiny_moe(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_moe")
     return path, save_tiny(path, moe=True)
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    """The real demo model (pulled and converted on first use, then cached)."""
+    from qlite.pull import pull_demo
+    return pull_demo()
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_dir):
+    """The demo model loaded once per run, float32 on the CPU."""
+    import qlite
+    return qlite.load(demo_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def demo_reference(demo_dir):
+    """transformers' float32 model on the same converted weights (the reference)."""
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()

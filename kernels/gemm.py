@@ -1,0 +1,74 @@
+"""Prefill kernel: out[M, N] = x[M, K] @ W.T for any M, W int4 or int8.
+
+A tiled GEMM: each program computes a BLOCK_M x BLOCK_N tile, dequantizing the weight tile in
+registers and feeding tl.dot with float32 accumulation. Programs are ordered in groups of
+GROUP_M row-tiles so that neighbouring programs share weight tiles in L2.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import dot_f32, pick
+from .dequant import load_weight_tile
+
+
+@triton.jit
+def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, DOT_F32: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = pid // per_group * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
+                             BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(x.dtype)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if BITS == 8:
+        acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is taken under the interpreter.
+_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in (
+    (64, 64, 32, 4, 3), (16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
+
+
+def qgemm(x, qweight, scales, zeros, bits: int, group_size: int, out=None):
+    """x [M, K] (rows contiguous) -> [M, N] in x's dtype; accumulates in float32."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    assert x.stride(1) == 1
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    m_bucket = min(triton.next_power_of_2(M), 1024)
+    configs = [c for c in _CONFIGS if c["BLOCK_M"] <= max(16, m_bucket)]  # no taller than M needs
+
+    def run(c):
+        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+        qgemm_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, out,
+                           M, N, K, x.stride(0), out.stride(0), BITS=bits,
+                           GROUP=group_size if bits == 4 else 0, HAS_ZEROS=zeros is not None,
+                           BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=8,
+                           DOT_F32=dot_f32(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    key = ("qgemm", m_bucket, N, K, bits, group_size, zeros is not None, x.dtype)
+    run(pick(key, configs, run))
+    return out

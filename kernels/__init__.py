@@ -1,0 +1,7 @@
+"""Triton kernels for int4/int8 weights and their plain-PyTorch references (reference.py).
+
+qgemv   decode: x [M <= 16, K] @ W.T, split-K
+qgemm   prefill: tiled GEMM, weight tiles dequantized in registers
+fused_moe  routed experts of a layer: gate/up + SiLU*mul, then down, on stacked weights
+Layouts are documented in qlite.quant.formats. This package imports only torch and triton.
+"""

@@ -1,0 +1,141 @@
+"""QuantLinear: an nn.Linear whose weight is int4 or int8 (formats in quant/formats.py).
+
+State-dict names (the on-disk names of quantized checkpoints, one module = one prefix):
+    <prefix>.qweight   int8 [N, K] or uint8 [N, K // 2]
+    <prefix>.scales    float16 [N] (int8) or [K // G, N] (int4)
+    <prefix>.zeros     float16 [K // G, N]; asymmetric int4 only
+    <prefix>.bias      [N] in the model dtype; only if the layer has a bias
+All are buffers, not parameters: nothing here trains.
+
+forward dispatches on the device: CUDA -> Triton (decode kernel for M <= 16 rows, tiled GEMM
+above); CPU -> torch's packed int4/int8 matmuls where they are fast and exact enough (bfloat16
+activations, or few rows), else the float32 reference.
+"""
+import torch
+from torch import nn
+
+from qlite.errors import QliteError
+from qlite.kernels import reference
+from qlite.kernels.gemm import qgemm
+from qlite.kernels.gemv import qgemv
+
+from .formats import check_format, quantize
+
+DECODE_MAX_M = 16  # rows up to which the decode kernel beats the tiled GEMM
+_CPU_OP_MAX_M = 4  # torch's packed CPU matmuls are slower than dequantize + matmul above this,
+#                    except in bfloat16 where they are vectorised (measured on an EPYC, torch 2.13)
+_REF_CHUNK = 1 << 22  # the CPU reference dequantizes at most this many weights at a time
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 group_size: int = 128, symmetric: bool = False, device=None, dtype=torch.bfloat16):
+        """Empty buffers of the right shapes (device="meta" for a loader that assigns them);
+        dtype is the bias dtype."""
+        super().__init__()
+        check_format(bits, group_size, in_features, "QuantLinear")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.symmetric = symmetric or bits == 8
+        n, k = out_features, in_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, dtype=torch.float16, device=device))
+        else:
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(k // group_size, n, dtype=torch.float16, device=device))
+        zeros = None if self.symmetric else torch.empty(k // group_size, n, dtype=torch.float16, device=device)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", torch.empty(n, dtype=dtype, device=device) if bias else None)
+        self._cpu_pack = None  # torch's CPU int4 layout, built on first use (not saved)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, method: str = "hqq",
+                    symmetric: bool = False, name: str = "weight") -> "QuantLinear":
+        w = linear.weight.detach()
+        qt = quantize(w, bits, group_size, symmetric, method, name)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
+                symmetric, device=w.device, dtype=w.dtype)
+        m.qweight.copy_(qt.qweight)
+        m.scales.copy_(qt.scales)
+        if m.zeros is not None:
+            m.zeros.copy_(qt.zeros)
+        if m.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        return m
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return reference.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
+
+    def extra_repr(self) -> str:
+        kind = f"int{self.bits}" + ("" if self.bits == 8 else f" g{self.group_size}" + (" sym" if self.symmetric else ""))
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise QliteError(f"QuantLinear expects {self.in_features} input features, got {x.shape[-1]}")
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        args = (self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        if x.is_cuda:
+            out = (qgemv if x2.shape[0] <= DECODE_MAX_M else qgemm)(x2, *args)
+        else:
+            out = self._cpu_matmul(x2)
+        if self.bias is not None:
+            out += self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _cpu_matmul(self, x):
+        m = x.shape[0]
+        fast = x.dtype == torch.bfloat16 or (m <= _CPU_OP_MAX_M and x.dtype in (torch.float32, torch.float16))
+        if fast and self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales.to(x.dtype))
+        if fast and self.out_features % 16 == 0:  # the CPU int4 op packs N in blocks of 16
+            packed, scale_zero = self._cpu_int4_pack()
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size,
+                                                              scale_zero.to(x.dtype))
+        # The reference, a slice of output channels at a time to bound the float32 copy.
+        rows = max(1, _REF_CHUNK // self.in_features)
+        out = torch.empty(m, self.out_features, dtype=x.dtype)
+        for i in range(0, self.out_features, rows):
+            sl = slice(i, i + rows)
+            out[:, sl] = reference.quant_matmul(
+                x, self.qweight[sl], self.scales[sl] if self.bits == 8 else self.scales[:, sl],
+                None if self.zeros is None else self.zeros[:, sl], self.bits, self.group_size)
+        return out
+
+    def _cpu_int4_pack(self):
+        """torch's CPU int4 layout: codes re-packed, and per group (scale, offset) with
+        w = (code - 8) * scale + offset, i.e. offset = (8 - zero) * scale. Kept beside qweight
+        (half a byte per weight more) and rebuilt if qweight is replaced or written."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version,
+               None if self.zeros is None else self.zeros._version)
+        if self._cpu_pack is None or self._cpu_pack[0] != key:
+            codes = reference.unpack_int4(self.qweight).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            s = self.scales.float()
+            offset = torch.zeros_like(s) if self.zeros is None else (8 - self.zeros.float()) * s
+            self._cpu_pack = (key, packed, torch.stack([s, offset], dim=-1))
+        return self._cpu_pack[1], self._cpu_pack[2]
+
+
+# Linear layers left in 16-bit by default: the MoE router and the shared-expert gate (tiny,
+# and routing is sensitive to them). lm_head is kept unless asked for: see quantize_model_linears.
+DEFAULT_SKIP = ("mlp.gate", "mlp.shared_expert_gate")
+
+
+def quantize_model_linears(model: nn.Module, bits: int = 4, group_size: int = 128, method: str = "hqq",
+                           symmetric: bool = False, skip=DEFAULT_SKIP, quantize_lm_head: bool = False) -> nn.Module:
+    """Replace, in place, every nn.Linear of model by a QuantLinear, except those whose qualified
+    name ends with an entry of skip (e.g. "mlp.gate" matches "model.layers.3.mlp.gate") and
+    lm_head unless quantize_lm_head. Embeddings are nn.Embedding and are never touched here.
+    Returns model."""
+    skip = tuple(skip) + (() if quantize_lm_head else ("lm_head",))
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(linear, bits, group_size, method, symmetric, name))
+    return model

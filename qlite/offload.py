@@ -116,11 +116,9 @@ class LRFU:
         self.last[e] = self.clock
 
     def insert(self, e, prefetched=False):
-        if prefetched:
-            self.clock += 1
-            self.last[e] = self.clock
-        else:
-            self.access(e)
+        # Arriving is not a use: the use that follows a demand copy is counted by access().
+        self.clock += 1
+        self.last[e] = self.clock
 
     def victim(self, candidates):
         return min(candidates, key=lambda e: (self.score(e), self.last.get(e, 0)))

@@ -189,6 +189,11 @@ def test_tiny_gguf_matches_transformers(tmp_path, tied):
 
     ref_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
     assert_same_ids(out, ref_tok, TEXTS)
+    # A deliberate difference: like Qwen2's own tokenizer.json we NFC-normalize first;
+    # transformers' GGUF tokenizer (and llama.cpp) do not, so only decomposed text differs.
+    from tokenizers import Tokenizer
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert ours.encode("cafe\u0301").ids == ours.encode("caf\u00e9").ids
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert tc["chat_template"] == TEMPLATE
     assert (tc["eos_token"], tc["pad_token"]) == ("<|im_end|>", "<|endoftext|>")

@@ -164,17 +164,17 @@ class LoadingScreen(Screen):
             yield Static("qlite", id="logo")
             yield Static(f"Loading {self.what}", id="loading-what")
             yield Static("starting", id="stage")
-            yield ProgressBar(id="bar", show_eta=False)
+            yield ProgressBar(id="load-bar", show_eta=False)
             yield Static("", id="load-error")
         yield Footer()
 
     def show_progress(self, stage: str, done: int, total: int):
         self.query_one("#stage", Static).update(describe_progress(stage, done, total))
-        self.query_one("#bar", ProgressBar).update(total=max(total, 1), progress=done)
+        self.query_one("#load-bar", ProgressBar).update(total=max(total, 1), progress=done)
 
     def show_error(self, message: str):
         self.query_one("#stage", Static).update("Could not load the model")
-        self.query_one("#bar", ProgressBar).display = False
+        self.query_one("#load-bar", ProgressBar).display = False
         error = self.query_one("#load-error", Static)
         error.update(f"{message}\n\nPress q to quit.")
         error.add_class("-shown")
@@ -250,14 +250,16 @@ class SettingsScreen(ModalScreen[Settings | None]):
             yield TextArea(s.system, id="system")
             with Horizontal(classes="fields"):
                 with Vertical():
-                    yield Label("Temperature (0 = greedy)")
+                    yield Label("Temperature")
                     yield Input(str(s.temperature), id="temperature", type="number")
                 with Vertical():
-                    yield Label("Top-p (1 = off)")
+                    yield Label("Top-p")
                     yield Input(str(s.top_p), id="top_p", type="number")
                 with Vertical():
                     yield Label("Max new tokens")
                     yield Input(str(s.max_tokens), id="max_tokens", type="integer")
+            yield Label("Temperature 0 is greedy; top-p 1 is off. Saved with this conversation.",
+                        classes="hint")
             yield Label("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Save (ctrl+s)", id="save", variant="primary")
@@ -435,7 +437,7 @@ class ChatScreen(Screen):
         Binding("escape", "stop", "Stop", priority=True),
         Binding("ctrl+n", "new_chat", "New", priority=True),
         Binding("ctrl+r", "regenerate", "Regenerate", priority=True),
-        Binding("ctrl+e", "edit_last", "Edit last", priority=True),
+        Binding("ctrl+e", "edit_last", "Edit last", show=False, priority=True),
         Binding("ctrl+o", "copy_reply", "Copy reply", priority=True),
         Binding("ctrl+s", "settings", "Settings", priority=True),
         Binding("ctrl+f", "search", "Search", priority=True),
@@ -945,7 +947,7 @@ class ChatApp(App):
     LoadingScreen { align: center top; }
     #logo { text-style: bold; color: $accent; }
     #stage { margin: 1 0 0 0; color: $text-muted; }
-    #bar { margin: 1 0 0 0; }
+    #load-bar { margin: 1 0 0 0; }
     #load-error { display: none; color: $error; margin: 1 0 0 0; }
     #load-error.-shown { display: block; }
 

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated     REAL    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages (
-    id              INTEGER PRIMARY KEY,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: ids order the turns
     conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role            TEXT    NOT NULL,            -- 'user' or 'assistant'
     content         TEXT    NOT NULL,

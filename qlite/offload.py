@@ -15,11 +15,11 @@ Prefetch (speculative gating, Eliseev & Mazur 2023): when layer L runs its exper
 MoE layer's router is applied to layer L's hidden state and the experts it picks start copying,
 so they arrive while layer L and the next attention compute.
 
-Exactness: `OffloadedExperts` runs the original experts' own forward, one expert at a time in
-expert-id order on a one-expert view of the slot, and accumulates like `Experts.forward` does,
-so the output is bit-for-bit the resident model's. Prefill needs many experts per layer: each is
-copied once and runs all its tokens, and slots are reused as experts finish (copies of the next
-ones overlap compute of the current one).
+Exactness: `OffloadedExperts` runs the original experts' own forward on views of the slots,
+in an order that sums each token's expert outputs as the resident module does, so the output is
+bit-for-bit the resident model's (see OffloadedExperts for the two modes). Prefill needs many
+experts per layer: each is copied once and runs all its tokens, and slots are reused as experts
+finish (copies of the next ones overlap compute of the current one).
 """
 from __future__ import annotations
 
@@ -349,35 +349,61 @@ class ExpertCache:
 
 # --- the drop-in experts module --------------------------------------------------------------
 
+def _is_quant_experts(module) -> bool:
+    try:
+        from qlite.quant.experts import QuantExperts
+    except ImportError:
+        return False
+    return isinstance(module, QuantExperts)
+
+
 class OffloadedExperts(nn.Module):
     """Routed experts of one MoE layer served from an ExpertCache; same forward as `Experts`.
 
-    Each needed expert runs through a one-expert view of its slot (the original module's class
-    and forward), in expert-id order, and its output is added like `Experts.forward` adds it:
-    the result is bit-for-bit the resident model's."""
+    Per-expert mode (the default): each needed expert runs through a one-expert view of its slot
+    (the original module's class and forward), in expert-id order, and its output is added the
+    way the original adds it: dense `Experts` in x's dtype, QuantExperts' CPU path in float32
+    with one rounding at the end. The result is bit-for-bit the resident model's.
 
-    def __init__(self, template: nn.Module, cache: ExpertCache):
+    Grouped mode (QuantExperts on CUDA): its fused kernel computes every (token, expert) pair
+    independently and sums each token's k pairs in k order, so expert ids can be replaced by
+    slot ids and one launch on a view of the whole cache serves the layer. A call needing more
+    experts than there are slots (a long prefill) falls back to per-expert mode."""
+
+    def __init__(self, template: nn.Module, cache: ExpertCache, grouped: bool | None = None):
         super().__init__()
         self.num_experts = template.num_experts
         self.cache = cache
-        device = cache.device
-        shared = {n: t.to(device) for n, t in cache.store.shared.items()}
-        slot_views = cache.views()
+        quant = _is_quant_experts(template)
+        self.fp32_sum = quant
+        self.grouped = quant and cache.device.type == "cuda" if grouped is None else grouped
+        shared = {n: t.to(cache.device) for n, t in cache.store.shared.items()}
+        views = cache.views()
         # Built once: view s computes with whatever expert slot s holds at the time.
         self.slot_modules = [
-            _module_view(template, {**shared, **{n: v[s:s + 1] for n, v in slot_views.items()}}, 1)
+            _module_view(template, {**shared, **{n: v[s:s + 1] for n, v in views.items()}}, 1)
             for s in range(cache.slots)]
+        self.cache_module = _module_view(template, {**shared, **views}, cache.slots)
         self.next: tuple[nn.Module, MoE] | None = None  # (norm, moe) of the next MoE layer
         self.hidden = None  # this layer's pre-norm hidden state, set by a hook, for prefetch
 
     def forward(self, x, topk_ids, topk_weights):
-        k = topk_ids.shape[1]
         order, counts = group_by_expert(topk_ids, self.num_experts)
         counts = counts.tolist()
-        cache = self.cache
-        cache.begin([e for e, n in enumerate(counts) if n])
+        needed = [e for e, n in enumerate(counts) if n]
+        self.cache.begin(needed)
         self._prefetch_next()  # after this layer's own misses: the copy stream is in order
-        out = torch.zeros_like(x)
+        if self.grouped and len(needed) <= self.cache.slots:
+            out = self._grouped(x, topk_ids, topk_weights, needed)
+        else:
+            out = self._per_expert(x, topk_ids, topk_weights, order, counts)
+        self.cache.end()
+        return out
+
+    def _per_expert(self, x, topk_ids, topk_weights, order, counts):
+        k, cache = topk_ids.shape[1], self.cache
+        xin = x.float() if self.fp32_sum else x
+        out = torch.zeros_like(xin)
         weights = topk_weights.flatten()
         zeros = torch.zeros(x.shape[0], 1, dtype=topk_ids.dtype, device=x.device)
         begin = 0
@@ -388,10 +414,19 @@ class OffloadedExperts(nn.Module):
             begin += n
             tokens = pairs // k
             s = cache.acquire(e)
-            y = self.slot_modules[s](x[tokens], zeros[:n], weights[pairs, None])
+            y = self.slot_modules[s](xin[tokens], zeros[:n], weights[pairs, None])
             cache.release(e)
             out.index_add_(0, tokens, y)
-        cache.end()
+        return out.to(x.dtype)
+
+    def _grouped(self, x, topk_ids, topk_weights, needed):
+        cache = self.cache
+        slot_of = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
+        for e in needed:
+            slot_of[e] = cache.acquire(e)
+        out = self.cache_module(x, slot_of.to(x.device)[topk_ids], topk_weights)
+        for e in needed:
+            cache.release(e)
         return out
 
     def _prefetch_next(self):

@@ -97,6 +97,47 @@ def test_offloaded_experts_equal_experts_with_fewer_slots_than_needed(slots, dty
     assert torch.equal(off(x, ids, w), want)  # and again with a warm cache
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_quant_experts_equal_quant_experts(dtype):
+    from qlite.quant.experts import QuantExperts
+    torch.manual_seed(0)
+    dense = Experts(16, 64, 32)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_()
+    experts = QuantExperts.from_experts(dense, bits=4, group_size=32, method="rtn")
+    x = torch.randn(30, 64, dtype=dtype)
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(30)])
+    w = torch.rand(30, 4, dtype=dtype)
+    want = experts(x, ids, w)
+    stats = Stats()
+    store = ExpertStore(experts, pin=False)
+    # qweight, scales, zeros of both weights in one row
+    assert len(store.layout) == 6
+    cache = ExpertCache(store, 3, "cpu", LRFU(), stats)
+    assert torch.equal(OffloadedExperts(experts, cache)(x, ids, w), want)
+    assert stats.misses == ids.unique().numel()
+
+
+def test_grouped_mode_remaps_expert_ids_to_slots():
+    # The CUDA path of QuantExperts; forced here on dense experts with top-2 routing, where
+    # the order of each token's two additions cannot change the sum.
+    torch.manual_seed(0)
+    experts = Experts(16, 24, 20)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    stats = Stats()
+    cache = ExpertCache(ExpertStore(experts, pin=False), 6, "cpu", LRU(), stats)
+    off = OffloadedExperts(experts, cache, grouped=True)
+    for t in (1, 2, 1, 9):  # decode-like calls fit in 6 slots; 9 tokens may not (per-expert)
+        x = torch.randn(t, 24)
+        ids = torch.stack([torch.randperm(16)[:2] for _ in range(t)])
+        w = torch.rand(t, 2)
+        assert torch.equal(off(x, ids, w), experts(x, ids, w))
+        assert len(cache.slot_of) <= 6
+
+
 def _trace_cache(policy, slots=3, num=6):
     torch.manual_seed(0)
     experts = Experts(num, 8, 4)  # 384 bytes per expert in float32

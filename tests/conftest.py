@@ -82,6 +82,12 @@ def demo_dir():
 
 
 @pytest.fixture(scope="session")
+def demo_gguf(demo_dir):
+    from qlite.pull import demo_gguf_path
+    return demo_gguf_path()
+
+
+@pytest.fixture(scope="session")
 def demo_model(demo_dir):
     """The demo model loaded once per run, float32 on the CPU."""
     import qlite
@@ -89,7 +95,12 @@ def demo_model(demo_dir):
 
 
 @pytest.fixture(scope="session")
-def demo_reference(demo_dir):
-    """transformers' float32 model on the same converted weights (the reference)."""
+def demo_reference(demo_gguf):
+    """(model, tokenizer) from transformers' own GGUF loader on the demo file, float32: the
+    reference for weights, token ids and greedy output (loaded once: ~60 s on 2 cores)."""
     import transformers
-    return transformers.AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    kw = dict(gguf_file=demo_gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(demo_gguf.parent), dtype=torch.float32, **kw).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(demo_gguf.parent), **kw)
+    return model, tok

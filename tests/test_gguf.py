@@ -260,40 +260,12 @@ def test_refuses_non_empty_output(tmp_path):
 
 
 # --- the real demo model ---------------------------------------------------------------------
-# TEMPORARY: `demo_dir` and `demo_gguf` belong in tests/conftest.py (the lead moves them there);
-# delete these two then. Until then they are defined here (a module's fixture wins over
-# conftest's of the same name, and both return the same cached paths).
-
 DEMO_TEXTS = TEXTS + [
     "Qwen2.5-Coder 是一个代码模型。它能写 Python、C++ 和 Rust！🚀🔥",
     "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }  // dot product\n",
     "naïve café — “quotes” … ½ ≠ ∞ 日本語のテキスト 한국어 텍스트 🤖💡🎉",
     "<|endoftext|><|fim_prefix|>def add(a, b):<|fim_suffix|><|fim_middle|>",
 ]
-
-
-@pytest.fixture(scope="session")
-def demo_dir():
-    from qlite.pull import pull_demo
-    return pull_demo()
-
-
-@pytest.fixture(scope="session")
-def demo_gguf(demo_dir):
-    from qlite.pull import demo_gguf_path
-    return demo_gguf_path()
-
-
-@pytest.fixture(scope="module")
-def demo_reference(demo_gguf):
-    """transformers' GGUF loader on the demo file, float32 (loaded once: ~50 s on 2 cores)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    kw = dict(gguf_file=demo_gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(demo_gguf.parent), dtype=torch.float32, **kw)
-    tok = transformers.AutoTokenizer.from_pretrained(str(demo_gguf.parent), **kw)
-    return model, tok
 
 
 @pytest.mark.demo

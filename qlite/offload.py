@@ -378,6 +378,9 @@ class OffloadedExperts(nn.Module):
         self.fp32_sum = quant
         self.grouped = quant and cache.device.type == "cuda" if grouped is None else grouped
         shared = {n: t.to(cache.device) for n, t in cache.store.shared.items()}
+        # The experts' own module over the host store: the template when re-planning.
+        self.host = _module_view(template, {**cache.store.shared, **cache.store.views()},
+                                 self.num_experts)
         views = cache.views()
         # Built once: view s computes with whatever expert slot s holds at the time.
         self.slot_modules = [
@@ -434,7 +437,8 @@ class OffloadedExperts(nn.Module):
         if self.next is None or h is None:
             return
         norm, moe = self.next
-        ids, _ = moe.route(norm(h).reshape(-1, h.shape[-1]))
+        # The next router on this layer's hidden state (softmax keeps the top-k order).
+        ids = torch.topk(moe.gate(norm(h).reshape(-1, h.shape[-1])), moe.top_k, dim=-1).indices
         moe.experts.cache.prefetch(ids.unique().tolist())
 
 
@@ -453,9 +457,9 @@ class HostEmbedding(nn.Module):
 class OffloadState:
     """What offload_experts attaches to the model: the caches, one Stats, the copy stream."""
 
-    def __init__(self, caches, stats, stream, policy, prefetch):
+    def __init__(self, caches, stats, stream, policy, prefetch, hooks):
         self.caches, self.stats, self.stream = caches, stats, stream
-        self.policy, self.prefetch = policy, prefetch
+        self.policy, self.prefetch, self.hooks = policy, prefetch, hooks
 
     def stats_dict(self) -> dict:
         if self.stream is not None:
@@ -478,7 +482,13 @@ class OffloadState:
 def offload_experts(model: nn.Module, plan: Plan, prefetch: bool = True,
                     policy: str = "lrfu") -> OffloadState:
     """Replace each MoE layer's routed experts (loaded in host memory) by OffloadedExperts with
-    `plan.slots` device slots, and give the model offload_stats() / reset_offload_stats()."""
+    `plan.slots` device slots, and give the model offload_stats() / reset_offload_stats().
+    Called again on an offloaded model, it re-plans: the host store stays, the caches change."""
+    old = getattr(model, "offload", None)
+    if old is not None:
+        for h in old.hooks:
+            h.remove()
+        model.offload = None
     device = torch.device(plan.device)
     cuda = device.type == "cuda"
     stream = torch.cuda.Stream(device) if cuda else None
@@ -487,7 +497,10 @@ def offload_experts(model: nn.Module, plan: Plan, prefetch: bool = True,
     caches, offloaded = [], []
     for layer in layers:
         experts = layer.mlp.experts
-        store = ExpertStore(experts, pin=cuda and torch.cuda.is_available())
+        if isinstance(experts, OffloadedExperts):
+            store, experts = experts.cache.store, experts.host
+        else:
+            store = ExpertStore(experts, pin=cuda and torch.cuda.is_available())
         slots = plan.slots
         if plan.slots_from_budget:  # the planner estimated bytes; the store knows them
             room = plan.budget - plan.fixed_bytes
@@ -498,16 +511,16 @@ def offload_experts(model: nn.Module, plan: Plan, prefetch: bool = True,
         layer.mlp.experts = off  # the old module and its stacked tensors go
         caches.append(cache)
         offloaded.append(off)
+    hooks = []
     if prefetch:
         for layer, off, nxt in zip(layers, offloaded, layers[1:]):
             off.next = (nxt.post_attention_layernorm, nxt.mlp)
-            layer.post_attention_layernorm.register_forward_hook(
-                lambda mod, args, out, off=off: setattr(off, "hidden", args[0]))
+            hooks.append(layer.post_attention_layernorm.register_forward_hook(
+                lambda mod, args, out, off=off: setattr(off, "hidden", args[0])))
     embed = model.model.embed_tokens
-    if plan.embed_on_cpu and not model.config.tie_word_embeddings \
-            and not isinstance(embed, HostEmbedding):
+    if plan.embed_on_cpu and type(embed) is nn.Embedding and not model.config.tie_word_embeddings:
         model.model.embed_tokens = HostEmbedding(embed.weight.detach().cpu(), device)
-    state = OffloadState(caches, stats, stream, policy, prefetch)
+    state = OffloadState(caches, stats, stream, policy, prefetch, hooks)
     model.offload = state
     model.offload_stats = types.MethodType(lambda self: self.offload.stats_dict(), model)
     model.reset_offload_stats = types.MethodType(lambda self: self.offload.reset(), model)

@@ -103,7 +103,7 @@ class Plan:
 
 
 def estimate_parts(cfg: Config, bits: int, group_size: int, act_bytes: int, context: int,
-                   keep_16bit=("lm_head", "embed"), symmetric: bool = False,
+                   keep_16bit=("embed",), symmetric: bool = False,
                    chunk: int = PREFILL_CHUNK) -> tuple[dict[str, int], int]:
     """(GPU bytes per non-expert part, bytes of one routed expert)."""
     d, hd = cfg.hidden_size, cfg.head_dim
@@ -154,7 +154,7 @@ def _quant_format(cfg: Config, bits: int | None, group_size: int | None):
     if bits not in (4, 8, 16):
         raise QliteError(f"--bits {bits}: choose 4, 8 or 16")
     group = group_size or int(q.get("group_size", 128))
-    keep = q.get("keep_16bit", ("lm_head", "embed"))
+    keep = q.get("keep_16bit", ("embed",))  # what `qlite quantize` keeps by default
     keep = keep.split(",") if isinstance(keep, str) else tuple(keep)
     return bits, group, keep, bool(q.get("symmetric", False))
 

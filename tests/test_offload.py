@@ -256,3 +256,16 @@ def test_cuda_offloaded_equals_resident_and_stays_in_budget(moe16, prefetch):
     assert all(torch.equal(a, b) for a, b in zip(got, want_steps))
     assert torch.cuda.max_memory_allocated() - base <= budget
     assert model.offload_stats()["bytes_copied"] > 0
+
+
+def test_lrfu_beats_lru_on_a_zipf_trace_and_the_bench_simulator_runs():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_offload", Path(__file__).parent.parent / "bench" / "bench_offload.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = bench.trace(64, 8, 800, 1.0, 0, seed=1)  # Qwen2-57B's shape, 16 GiB's 28 slots
+    lru, lrfu = (bench.simulate(p, calls, 64, 28) for p in (LRU(), LRFU()))
+    assert lrfu > lru + 0.03
+    assert bench.belady(calls, 28) >= lrfu

@@ -51,7 +51,7 @@ _CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for
     (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
 
 
-def qgemm(x, qweight, scales, zeros, bits: int, group_size: int, out=None):
+def qgemm(x, qweight, scales, zeros, bits: int, group_size: int, out=None, config=None):
     """x [M, K] (rows contiguous) -> [M, N] in x's dtype; accumulates in float32."""
     M, K = x.shape
     N = qweight.shape[0]
@@ -70,5 +70,5 @@ def qgemm(x, qweight, scales, zeros, bits: int, group_size: int, out=None):
                            DOT_F32=dot_f32(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     key = ("qgemm", m_bucket, N, K, bits, group_size, zeros is not None, x.dtype)
-    run(pick(key, configs, run))
+    run(config or pick(key, configs, run))  # config: force one (tests)
     return out

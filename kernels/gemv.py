@@ -55,7 +55,7 @@ _CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w)
             for s in (1, 2, 4, 8)]
 
 
-def qgemv(x, qweight, scales, zeros, bits: int, group_size: int, out=None):
+def qgemv(x, qweight, scales, zeros, bits: int, group_size: int, out=None, config=None):
     """x [M, K] (M <= 16, rows contiguous) -> [M, N] in x's dtype; accumulates in float32."""
     M, K = x.shape
     N = qweight.shape[0]
@@ -80,5 +80,5 @@ def qgemv(x, qweight, scales, zeros, bits: int, group_size: int, out=None):
     limit = 8192 if block_m == 16 else 16384 // block_m
     configs = [c for c in _CONFIGS if c["BLOCK_N"] * c["BLOCK_K"] <= limit]
     key = ("qgemv", block_m, N, K, bits, group_size, zeros is not None, x.dtype)
-    run(pick(key, configs, run))
+    run(config or pick(key, configs, run))  # config: force one (tests)
     return out

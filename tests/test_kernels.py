@@ -1,0 +1,223 @@
+"""Every Triton kernel against its PyTorch reference.
+
+On the CPU the kernels run under TRITON_INTERPRET=1. Triton decides interpreter or compiler
+when a kernel is decorated, i.e. when qlite.kernels is first imported, and other test files may
+import it first in this process; so the interpreter cases run once, all together, in a child
+Python started with the variable set (this file run as a script), and each case is reported
+here as its own test.
+
+Inputs are fresh random each run (the seed is in every failure message); outputs are filled
+with NaN before the call, so a tile left unwritten fails. Error = max|out - ref| / max|ref|,
+ref in float32. Bounds: float32 1e-3; bfloat16 1.6e-2 and float16 2e-3, i.e. four units of
+roundoff (u = 2^-8, 2^-11): the output is rounded to the activation dtype (up to u), and tl.dot
+rounds the dequantized weight to it (about u more, relative to the output norm). Fused MoE
+doubles the 16-bit bounds: two chained products with the intermediate stored in that dtype.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TOL = {"float32": 1e-3, "bfloat16": 1.6e-2, "float16": 2e-3}
+MOE_TOL = {"float32": 1e-3, "bfloat16": 3.2e-2, "float16": 4e-3}
+# (bits, group_size, has_zeros); int8 is per channel and symmetric.
+FORMATS = [(4, 32, True), (4, 64, True), (4, 128, True), (4, 128, False), (8, 0, False)]
+K_FOR = {32: 224, 64: 192, 128: 384, 0: 333}  # multiples of the group, not of the block sizes
+N = 77  # not a multiple of any BLOCK_N
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra threads only add synchronisation (seconds a call on a loaded runner)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fmt(bits, g, z):
+    return f"int{bits}" + (f"-g{g}-{'asym' if z else 'sym'}" if bits == 4 else "")
+
+
+def _cases():
+    """(kernel, fmt, M, dtype, forced config or None) for every interpreter case."""
+    cases = []
+    for f in FORMATS:
+        for m in (1, 3, 16):
+            for dt in ("float32", "bfloat16", "float16"):
+                cases.append(("qgemv", f, m, dt, None))
+        # split-K, with K tiles fewer than the splits (an empty slice must still write zeros)
+        cases.append(("qgemv", f, 3, "float32", dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=4)))
+        cases.append(("qgemv", f, 16, "bfloat16", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4)))
+        for m in (1, 3, 16, 64):
+            for dt in ("float32", "bfloat16", "float16"):
+                cases.append(("qgemm", f, m, dt, None))
+        cases.append(("qgemm", f, 64, "float32", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)))
+        for t in (1, 3, 16, 64):
+            cases.append(("fused_moe", f, t, "float32", None))
+        cases.append(("fused_moe", f, 16, "bfloat16", None))
+        cases.append(("fused_moe", f, 64, "float32", dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)))
+    cases.append(("fused_moe", (4, 128, True), 3, "float16", None))
+    return cases
+
+
+def _case_id(c):
+    kernel, f, m, dt, cfg = c
+    return f"{kernel}-{_fmt(*f)}-M{m}-{dt}" + ("-cfg" + "x".join(str(v) for v in cfg.values()) if cfg else "")
+
+
+def _rand_weight(lead, n, k, bits, g, has_zeros, gen):
+    """Random packed tensors of the documented shapes; codes cover the full range."""
+    if bits == 8:
+        qw = torch.randint(-127, 128, (*lead, n, k), dtype=torch.int8, generator=gen)
+        s = (torch.rand(*lead, n, generator=gen) * 0.02 + 0.002).half()
+        return qw, s, None
+    qw = torch.randint(0, 256, (*lead, n, k // 2), dtype=torch.uint8, generator=gen)
+    s = (torch.rand(*lead, k // g, n, generator=gen) * 0.1 + 0.01).half()
+    z = (torch.rand(*lead, k // g, n, generator=gen) * 15).half() if has_zeros else None
+    return qw, s, z
+
+
+def _run_case(c, gen):
+    from qlite.kernels import reference
+    from qlite.kernels.fused_moe import fused_moe
+    from qlite.kernels.gemm import qgemm
+    from qlite.kernels.gemv import qgemv
+
+    kernel, (bits, g, has_zeros), m, dt, cfg = c
+    dtype = getattr(torch, dt)
+    if kernel == "fused_moe":
+        e, topk = 8, 3
+        d, inter = (96, 64) if g in (0, 32) else (128, g)
+        w13 = _rand_weight((e,), 2 * inter, d, bits, g, has_zeros, gen)
+        w2 = _rand_weight((e,), d, inter, bits, g, has_zeros, gen)
+        x = torch.randn(m, d, generator=gen).to(dtype)
+        ids = torch.stack([torch.randperm(e, generator=gen)[:topk] for _ in range(m)])
+        wts = torch.rand(m, topk, generator=gen).softmax(-1)
+        out = torch.full((m, d), float("nan"), dtype=dtype)
+        fused_moe(x, ids, wts, w13, w2, bits, g, out=out, config=cfg)
+        ref = reference.fused_moe(x.float(), ids, wts, w13, w2, bits, g)
+    else:
+        k = K_FOR[g]
+        w = _rand_weight((), N, k, bits, g, has_zeros, gen)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        out = torch.full((m, N), float("nan"), dtype=dtype)
+        (qgemv if kernel == "qgemv" else qgemm)(x, *w, bits, g, out=out, config=cfg)
+        ref = reference.quant_matmul(x.float(), *w, bits, g)
+    if torch.isnan(out).any():
+        return float("inf")
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _child(seed):
+    gen = torch.Generator().manual_seed(seed)
+    results = {}
+    for c in _cases():
+        try:
+            results[_case_id(c)] = _run_case(c, gen)
+        except Exception as exc:  # reported by the case's own test
+            results[_case_id(c)] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    seed = random.randrange(1 << 30)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")  # tiny tensors: see test_quant
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(seed)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_case_id)
+def test_kernel_matches_reference_under_interpreter(interpreted, case):
+    seed, results = interpreted
+    err = results[_case_id(case)]
+    assert not isinstance(err, str), f"seed {seed}: {err}"
+    tol = (MOE_TOL if case[0] == "fused_moe" else TOL)[case[3]]
+    assert err <= tol, f"seed {seed}: relative error {err:.3g} > {tol}"
+
+
+def test_moe_align_block_size_groups_slots_by_expert():
+    from qlite.kernels.reference import moe_align_block_size
+
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for t, k, e, bm in ((1, 8, 64, 16), (5, 2, 4, 4), (64, 3, 8, 16), (7, 1, 3, 1)):
+        ids = torch.randint(0, e, (t, k), generator=gen)
+        sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, bm, e)
+        flat = ids.flatten()
+        used = int(num_padded)
+        assert used % bm == 0 and sorted_ids.numel() >= used and sorted_ids.numel() % bm == 0
+        real = sorted_ids[:used][sorted_ids[:used] < t * k]
+        assert sorted(real.tolist()) == list(range(t * k))  # every slot exactly once
+        assert (sorted_ids[used:] == t * k).all()
+        for b in range(used // bm):
+            block = sorted_ids[b * bm:(b + 1) * bm]
+            block = block[block < t * k]
+            assert len(block) > 0 and (flat[block] == expert_ids[b]).all()
+        assert (expert_ids[used // bm:] == -1).all()
+        counts = torch.bincount(flat, minlength=e)
+        assert used == int(((counts + bm - 1) // bm * bm).sum())
+
+
+# ---- CUDA: run when a GPU is lent --------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: _fmt(*f))
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 300])
+@pytest.mark.parametrize("dt", ["float32", "bfloat16", "float16"])
+def test_cuda_matmul_kernels_match_reference(fmt, m, dt):
+    from qlite.kernels import reference
+    from qlite.kernels.gemm import qgemm
+    from qlite.kernels.gemv import qgemv
+
+    bits, g, has_zeros = fmt
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for n, k in ((N, K_FOR[g]), (1000, 1024 if bits == 4 else 1000)):
+        w = [t.cuda() if t is not None else None for t in _rand_weight((), n, k, bits, g, has_zeros, gen)]
+        x = torch.randn(m, k, generator=gen).to(getattr(torch, dt)).cuda()
+        ref = reference.quant_matmul(x.float(), *w, bits, g)
+        kernels = (qgemv, qgemm) if m <= 16 else (qgemm,)
+        for kern in kernels:
+            out = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
+            kern(x, *w, bits, g, out=out)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err <= TOL[dt], f"{kern.__name__} n={n} k={k}: {err:.3g}"
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: _fmt(*f))
+@pytest.mark.parametrize("t", [1, 16, 200])
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_cuda_fused_moe_matches_reference(fmt, t, dt):
+    from qlite.kernels import reference
+    from qlite.kernels.fused_moe import fused_moe
+
+    bits, g, has_zeros = fmt
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    e, topk, d, inter = 64, 8, 256, 128
+    w13 = [x.cuda() if x is not None else None for x in _rand_weight((e,), 2 * inter, d, bits, g, has_zeros, gen)]
+    w2 = [x.cuda() if x is not None else None for x in _rand_weight((e,), d, inter, bits, g, has_zeros, gen)]
+    x = torch.randn(t, d, generator=gen).to(getattr(torch, dt)).cuda()
+    ids = torch.stack([torch.randperm(e, generator=gen)[:topk] for _ in range(t)]).cuda()
+    wts = torch.rand(t, topk, generator=gen).softmax(-1).cuda()
+    out = torch.full((t, d), float("nan"), dtype=x.dtype, device="cuda")
+    fused_moe(x, ids, wts, w13, w2, bits, g, out=out)
+    ref = reference.fused_moe(x.float(), ids, wts, w13, w2, bits, g)
+    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= MOE_TOL[dt], f"{err:.3g}"
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]))

@@ -521,6 +521,7 @@ def offload_experts(model: nn.Module, plan: Plan, prefetch: bool = True,
     if plan.embed_on_cpu and type(embed) is nn.Embedding and not model.config.tie_word_embeddings:
         model.model.embed_tokens = HostEmbedding(embed.weight.detach().cpu(), device)
     state = OffloadState(caches, stats, stream, policy, prefetch, hooks)
+    state.plan = plan  # generate reads plan.prefill_chunk: the workspace is sized for it
     model.offload = state
     model.offload_stats = types.MethodType(lambda self: self.offload.stats_dict(), model)
     model.reset_offload_stats = types.MethodType(lambda self: self.offload.reset(), model)

@@ -34,7 +34,7 @@ from qlite.history import DEFAULT_SETTINGS, History, title_from
 KEYS = [
     ("Enter", "send the message"),
     ("Ctrl+J / Shift+Enter", "new line in the message"),
-    ("Escape", "stop the reply now, keeping what it wrote; cancel an edit"),
+    ("Escape", "stop the reply now (its text is kept); cancel an edit"),
     ("Ctrl+N", "new conversation"),
     ("Ctrl+R", "regenerate the last reply"),
     ("Ctrl+E, Up (empty box)", "edit and resend your last message"),
@@ -416,7 +416,9 @@ class MessageBox(Vertical):
         self.mount(Static(text, classes="error", markup=False))
 
 
-FINISH_NOTES = {"cancelled": "stopped", "length": "stopped at max tokens", "error": "failed"}
+# What a reply's header says about how it ended ("streaming": the app died while it was written)
+FINISH_NOTES = {"cancelled": "stopped", "length": "stopped at max tokens", "error": "failed",
+                "streaming": "interrupted"}
 
 
 @dataclass
@@ -523,7 +525,7 @@ class ChatScreen(Screen):
         view = self.messages_view
         await view.remove_children()
         if conversation_id is None:
-            self.settings = Settings(**{k: v for k, v in DEFAULT_SETTINGS.items()})
+            self.settings = Settings(**DEFAULT_SETTINGS)
             messages = []
         else:
             conv = self.history.get(conversation_id)
@@ -544,7 +546,7 @@ class ChatScreen(Screen):
         view.anchor()
         self.set_notice("")
         self.last_stats = None
-        self.context_tokens = self.count_tokens([m.as_chat() for m in messages])
+        self.context_tokens = self.count_tokens(self.chat_messages()) if messages else 0
         self.update_status()
         list_view = self.query_one("#conversations", ListView)
         for i, item in enumerate(list_view.children):
@@ -579,11 +581,11 @@ class ChatScreen(Screen):
         model = self.model
         window = getattr(model, "max_context", 0)
         parts = [f"{model_name(model)} · {weights_label(model)}",
-                 f"context {self.context_tokens:,} / {window:,} tokens"]
+                 f"context {self.context_tokens:,}/{window:,}"]
         if self.volatile:
             stats = self.last_stats
             if stats is not None:
-                parts.append(f"prefill {stats.prefill_tokens_per_s:,.0f} tok/s · "
+                parts.append(f"prefill {stats.prefill_tokens_per_s:,.0f} · "
                              f"decode {stats.decode_tokens_per_s:,.1f} tok/s")
             memory = []
             gpu = gpu_memory(model)
@@ -598,8 +600,8 @@ class ChatScreen(Screen):
             if hit is not None:
                 parts.append(f"expert cache {hit:.0%} hits")
         if self.reply is not None:
-            parts.append("generating (Esc stops)")
-        self.query_one("#status", Static).update("  │  ".join(parts))
+            parts.append("replying (Esc stops)")
+        self.query_one("#status", Static).update(" │ ".join(parts))
 
     # sending
     @on(ChatInput.Submitted)
@@ -678,6 +680,8 @@ class ChatScreen(Screen):
             reply.box.set_note("")
         reply.text += event.text
         await reply.stream.write(event.text)
+        if self.reply is not reply:
+            return  # Escape ended it while the text was drawn; finish() saved it already
         if time.monotonic() - reply.saved_at > self.SAVE_EVERY:
             self.save_reply(reply, {"finish_reason": "streaming"})
 
@@ -1012,9 +1016,19 @@ class ChatApp(App):
             self.push_screen(LoadingScreen(str(self.model_spec)))
             self.screen.show_error(str(e))
             return
-        what = "the demo model" if str(self.model_spec) == "demo" else str(self.model_spec)
-        self.push_screen(LoadingScreen(what))
+        self.push_screen(LoadingScreen(self.loading_what()))
         threading.Thread(target=self.load_model, name="qlite-load", daemon=True).start()
+
+    def loading_what(self) -> str:
+        if str(self.model_spec) != "demo":
+            return str(self.model_spec)
+        try:  # the first run pulls the demo model here, inside the app, with its progress
+            from qlite.pull import demo_model_dir, is_complete
+            if not is_complete(demo_model_dir()):
+                return "the demo model: first run, downloading it once (about 490 MB)"
+        except (ImportError, AttributeError):
+            pass
+        return "the demo model"
 
     def load_model(self):
         """The loading thread: progress goes to the screen at most 20 times a second."""

@@ -151,7 +151,7 @@ async def test_send_a_message_and_see_the_streamed_reply(model_dir, data_home):
         assert [(m.role, m.content) for m in saved] == boxes(chat)
         assert saved[1].meta["finish_reason"] in ("stop", "length")
         status = str(chat.query_one("#status").render())
-        assert "tiny-qwen2 · fp32" in status and "/ 256 tokens" in status
+        assert "tiny-qwen2 · fp32" in status and "context " in status and "/256" in status
         assert "decode" in status and "tok/s" in status  # volatile figures shown by default
 
 
@@ -181,6 +181,65 @@ async def test_escape_stops_at_once_and_keeps_the_partial_reply(model_dir, data_
         await send(pilot, chat, "again")
         assert [m.role for m in chat.history.messages(conv)] == [
             "user", "assistant", "user", "assistant"]
+
+
+class Gated:
+    """A loader whose model's replies are paragraphs released one at a time by the test."""
+
+    def __init__(self):
+        self.release = threading.Semaphore(0)
+
+    def load(self, path, **kwargs):
+        model = qlite.load(path, **kwargs)
+        model.generate = lambda messages, cancel=None, **kw: GatedReply(self.release, cancel)
+        return model
+
+
+class GatedReply:
+    def __init__(self, release, cancel):
+        self.release, self.cancel = release, cancel
+        self.stats = qlite.GenerationStats(finish_reason="stop")
+
+    def __iter__(self):
+        for i in range(100):
+            if not self.release.acquire(timeout=10) or self.cancel.is_set():
+                self.stats.finish_reason = "cancelled"
+                return
+            yield f"paragraph {i}\n\n"
+
+
+@sync
+async def test_the_view_follows_the_stream_unless_scrolled_up(model_dir, data_home):
+    gated = Gated()
+    app = ChatApp(str(model_dir), loader=gated.load, volatile=False)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await open_chat(app, pilot)
+        view = chat.messages_view
+        chat.query_one(ChatInput).text = "go"
+        await pilot.press("enter")
+
+        async def stream(n):
+            before = chat.reply.text.count("paragraph")
+            for _ in range(n):
+                gated.release.release()
+            await wait_for(pilot, lambda: chat.reply.text.count("paragraph") == before + n)
+            await pilot.pause(0.1)
+
+        await stream(30)  # more than a screenful
+        assert view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y
+        view.focus()
+        await pilot.press("pageup")  # the user scrolls up to read
+        await pilot.pause(0.1)
+        where = view.scroll_y
+        assert where < view.max_scroll_y
+        await stream(10)
+        assert view.scroll_y == where and view.scroll_y < view.max_scroll_y  # left alone
+        await pilot.press("end")  # back to the bottom: following again
+        await stream(10)
+        await pilot.pause(0.1)
+        assert view.scroll_y == view.max_scroll_y
+        await pilot.press("escape")
+        gated.release.release()
 
 
 @sync
@@ -480,7 +539,10 @@ def test_snapshot_help(model_dir, data_home, snap_compare):
                         run_before=run_before)
 
 
-def test_snapshot_loading(data_home, snap_compare):
+def test_snapshot_loading(data_home, snap_compare, tmp_path, monkeypatch):
+    """First run: no demo model cached yet, so the app downloads it, with progress."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
     def loader(path, progress=None, **kwargs):
         progress("download", 3, 10)
         app.closing.wait(30)  # until the snapshot is taken and the app closes

@@ -43,7 +43,8 @@ class QuantExperts(nn.Module):
                  group_size: int = 128, symmetric: bool = False, device=None):
         """Empty buffers of the right shapes (device="meta" for a loader that assigns them)."""
         super().__init__()
-        self.num_experts, self.bits, self.group_size = num_experts, bits, group_size
+        self.num_experts, self.hidden = num_experts, intermediate_size  # as the dense Experts
+        self.bits, self.group_size = bits, group_size
         self.symmetric = symmetric or bits == 8
         e, d, i = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = StackedQuantWeight(e, 2 * i, d, bits, group_size, symmetric, device)

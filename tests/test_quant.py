@@ -218,22 +218,25 @@ def test_quantize_model_linears_keeps_router_norms_and_lm_head():
 
 # ---- QuantExperts -------------------------------------------------------------------------
 
-class DenseExperts(nn.Module):
-    """The model's dense experts interface, computed token by token (the plainest oracle)."""
+def DenseExperts(e, d, i, gen):
+    """The model's dense experts (qlite.model.Experts: the interface QuantExperts implements)."""
+    from qlite.model import Experts
+    dense = Experts(e, d, i)
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(torch.randn(e, 2 * i, d, generator=gen) * 0.05)
+        dense.down_proj.copy_(torch.randn(e, d, i, generator=gen) * 0.05)
+    return dense
 
-    def __init__(self, e, d, i, gen):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, d, generator=gen) * 0.05)
-        self.down_proj = nn.Parameter(torch.randn(e, d, i, generator=gen) * 0.05)
 
-    def forward(self, x, topk_ids, topk_weights):
-        out = torch.zeros_like(x)
-        for t in range(x.shape[0]):
-            for j in range(topk_ids.shape[1]):
-                e = topk_ids[t, j]
-                gate, up = (self.gate_up_proj[e] @ x[t]).chunk(2)
-                out[t] += topk_weights[t, j] * (self.down_proj[e] @ (F.silu(gate) * up))
-        return out
+def token_by_token(dense, x, topk_ids, topk_weights):
+    """The plainest oracle of the experts interface."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = topk_ids[t, j]
+            gate, up = (dense.gate_up_proj[e] @ x[t]).chunk(2)
+            out[t] += topk_weights[t, j] * (dense.down_proj[e] @ (F.silu(gate) * up))
+    return out
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt)
@@ -255,6 +258,7 @@ def test_quant_experts_equal_dense_experts_on_dequantized_weights(fmt, gen):
     w = torch.rand(t, k, generator=gen).softmax(-1)
     with torch.no_grad():
         ref = dense(x, ids, w)
+        assert _rel(token_by_token(dense, x, ids, w), ref) <= 1e-5
     assert _rel(q(x, ids, w), ref) <= 1e-5
     assert _rel(q(x.bfloat16(), ids, w), ref) <= 1.6e-2
 

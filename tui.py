@@ -155,14 +155,14 @@ def describe_progress(stage: str, done: int, total: int) -> str:
 class LoadingScreen(Screen):
     BINDINGS = [Binding("q", "app.quit", "Quit")]
 
-    def __init__(self, what: str):
+    def __init__(self, heading: str):
         super().__init__()
-        self.what = what
+        self.heading = heading
 
     def compose(self) -> ComposeResult:
         with Vertical(id="loading-box"):
             yield Static("qlite", id="logo")
-            yield Static(f"Loading {self.what}", id="loading-what")
+            yield Static(self.heading, id="loading-what")
             yield Static("starting", id="stage")
             yield ProgressBar(id="load-bar", show_eta=False)
             yield Static("", id="load-error")
@@ -1013,22 +1013,22 @@ class ChatApp(App):
             self.history = (self.history_spec if isinstance(self.history_spec, History)
                             else History(self.history_spec))
         except QliteError as e:
-            self.push_screen(LoadingScreen(str(self.model_spec)))
+            self.push_screen(LoadingScreen(f"Loading {self.model_spec}"))
             self.screen.show_error(str(e))
             return
-        self.push_screen(LoadingScreen(self.loading_what()))
+        self.push_screen(LoadingScreen(self.loading_heading()))
         threading.Thread(target=self.load_model, name="qlite-load", daemon=True).start()
 
-    def loading_what(self) -> str:
+    def loading_heading(self) -> str:
         if str(self.model_spec) != "demo":
-            return str(self.model_spec)
+            return f"Loading {self.model_spec}"
         try:  # the first run pulls the demo model here, inside the app, with its progress
             from qlite.pull import demo_model_dir, is_complete
             if not is_complete(demo_model_dir()):
-                return "the demo model: first run, downloading it once (about 490 MB)"
+                return "Downloading the demo model (first run only, about 490 MB)"
         except (ImportError, AttributeError):
             pass
-        return "the demo model"
+        return "Loading the demo model"
 
     def load_model(self):
         """The loading thread: progress goes to the screen at most 20 times a second."""

@@ -564,3 +564,37 @@ def test_snapshot_load_error(data_home, snap_compare):
 
     assert snap_compare(ChatApp("/models/qwen", loader=loader, volatile=False),
                         terminal_size=SIZE, run_before=run_before)
+
+
+def test_status_reads_quantization_and_offloading_defensively():
+    from types import SimpleNamespace
+    from qlite.tui import expert_hit_rate, weights_label
+
+    quantized = SimpleNamespace(config=SimpleNamespace(
+        quantization={"format": "int4", "group_size": 128}))
+    assert weights_label(quantized) == "int4 g128"
+    assert weights_label(SimpleNamespace(config=SimpleNamespace(
+        quantization={"bits": 8}))) == "int8"
+    assert expert_hit_rate(quantized) is None  # no offloading: nothing shown
+    assert expert_hit_rate(SimpleNamespace(offload_stats=lambda: {"hits": 9, "misses": 1})) == 0.9
+    assert expert_hit_rate(SimpleNamespace(offload_stats=lambda: {"hit_rate": 0.5})) == 0.5
+    assert expert_hit_rate(SimpleNamespace(offload_stats=lambda: {"hits": 0, "misses": 0})) is None
+    assert expert_hit_rate(SimpleNamespace(offload_stats=lambda: None)) is None
+
+    def broken():
+        raise RuntimeError("not yet")
+    assert expert_hit_rate(SimpleNamespace(offload_stats=broken)) is None
+
+
+@sync
+async def test_status_bar_shows_the_expert_cache_hit_rate(model_dir, data_home):
+    def loader(path, **kwargs):
+        model = qlite.load(path, **kwargs)
+        model.offload_stats = lambda: {"hits": 45, "misses": 5}
+        return model
+
+    app = ChatApp(str(model_dir), loader=loader)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await open_chat(app, pilot)
+        status = str(chat.query_one("#status").render())
+        assert "expert cache 90% hits" in status and "RAM" in status

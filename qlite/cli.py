@@ -40,6 +40,24 @@ def _add_model_args(p):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
                    "(default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--context", type=int, default=None, help="context window cap in tokens")
+    p.add_argument("--backend", default="qlite", choices=["qlite", "bnb"],
+                   help="bnb: bitsandbytes linears in place of qlite's (the baseline)")
+    p.add_argument("--bnb-bits", type=int, default=4, choices=[4, 8],
+                   help="with --backend bnb: NF4 (4) or int8 (8)")
+    p.add_argument("--gpu-budget", default=None,
+                   help="MoE: device memory for everything, e.g. 24GiB; routed experts beyond "
+                        "it stay in CPU memory and are cached on the device")
+    p.add_argument("--expert-slots", type=int, default=None,
+                   help="MoE: cached experts per layer (overrides the planner)")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="MoE offloading: do not guess and copy the next layer's experts")
+
+
+def _load_options(args) -> dict:
+    """The keyword arguments of qlite.load that the model options above give."""
+    return dict(device=args.device, dtype=args.dtype, context=args.context,
+                backend=args.backend, bnb_bits=args.bnb_bits, gpu_budget=args.gpu_budget,
+                expert_slots=args.expert_slots, prefetch=args.prefetch)
 
 
 def _add_sampling_args(p):
@@ -61,8 +79,13 @@ def _sampling(args) -> dict:
 
 def _load(args):
     from qlite.loader import load
-    return load(args.model, device=args.device, dtype=args.dtype, context=args.context,
-                progress=progress_printer())
+    return load(args.model, progress=progress_printer(), **_load_options(args))
+
+
+def _print_offload_stats(model, stream=sys.stdout):
+    if getattr(model, "offload_stats", None):
+        from qlite.offload import format_stats
+        print(format_stats(model.offload_stats()), file=stream)
 
 
 def cmd_generate(args):
@@ -71,6 +94,8 @@ def cmd_generate(args):
     for piece in gen:
         print(piece, end="", flush=True)
     print()
+    if args.stats:
+        _print_offload_stats(model)
     print(gen.stats.summary())
 
 
@@ -99,13 +124,30 @@ def cmd_repl(args):
         if gen.stats.dropped_messages:
             print(f"[{gen.stats.dropped_messages} oldest messages left out to fit the context]",
                   file=sys.stderr)
+        if args.stats:
+            _print_offload_stats(model, sys.stderr)
         print(f"[{gen.stats.summary()}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": reply})
 
 
 def cmd_chat(args):
     from qlite.tui import main as tui_main
-    tui_main(model=args.model, device=args.device, dtype=args.dtype, context=args.context)
+    tui_main(model=args.model, **_load_options(args))
+
+
+def cmd_plan(args):
+    from qlite.plan import plan_text
+    print(plan_text(args.model, args.gpu_budget, bits=args.bits, context=args.context,
+                    expert_slots=args.expert_slots, group_size=args.group_size,
+                    dtype=args.dtype))
+
+
+def cmd_quantize(args):
+    from qlite.quantize import quantize_checkpoint
+    out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
+                              method=args.method, keep_16bit=args.keep_16bit, force=args.force,
+                              symmetric=args.symmetric, progress=progress_printer())
+    print(out)
 
 
 def cmd_inspect(args):
@@ -134,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    p.add_argument("--stats", action="store_true", help="print expert-offloading statistics")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="the terminal chat (Textual)")
@@ -144,7 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--stats", action="store_true", help="print expert-offloading statistics")
     p.set_defaults(func=cmd_repl)
+
+    p = sub.add_parser("quantize", help="write an int4/int8 copy of a checkpoint")
+    p.add_argument("src", help="model directory (safetensors) or .gguf file")
+    p.add_argument("out", help="new model directory")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128")
+    p.add_argument("--method", default=None, help="rtn or hqq (default: the best available)")
+    p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
+    p.add_argument("--keep-16bit", default="embed",
+                   help="comma list of lm_head,embed kept 16-bit, or none (default: embed)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("plan", help="where an MoE model lives for a GPU budget")
+    p.add_argument("--model", required=True, help="model directory or config.json")
+    p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16])
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--gpu-budget", default=None, help="e.g. 24GiB")
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--expert-slots", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="architecture, parameters, dtypes, bytes on disk")
     p.add_argument("path")

@@ -13,6 +13,8 @@ import torch
 
 from qlite.errors import QliteError
 
+PREFILL_CHUNK = 512  # prompt tokens per forward during prefill
+
 
 @dataclass
 class SamplingParams:
@@ -132,13 +134,17 @@ class Generation:
         text, sent = "", 0  # everything decoded so far / how much of it went out
         hold = max((len(s) for s in p.stop), default=1) - 1
         stats = self.stats
-        ids = torch.tensor([self.prompt_ids], device=device)
-        pos = 0
+        prompt = torch.tensor([self.prompt_ids], device=device)
+        plan = getattr(getattr(model, "offload", None), "plan", None)
+        chunk = plan.prefill_chunk if plan else PREFILL_CHUNK
         t0 = time.perf_counter()
         with torch.inference_mode():
+            # Prefill in chunks: activation memory stays bounded however long the prompt.
+            for pos in range(0, n, chunk):
+                logits = model(prompt[:, pos:pos + chunk], start=pos, last_only=True)
+            pos = n
             while True:
-                logits = model(ids, start=pos)[0, -1].float()
-                pos += ids.shape[1]
+                logits = logits[0, -1].float()
                 token = sample(logits, p, seen, generator)
                 now = time.perf_counter()
                 if stats.generated_tokens == 0:
@@ -166,7 +172,8 @@ class Generation:
                     stats.finish_reason = "length"
                     break
                 seen = torch.cat([seen, torch.tensor([token], device=device)])
-                ids = torch.tensor([[token]], device=device)
+                logits = model(torch.tensor([[token]], device=device), start=pos)
+                pos += 1
         if stats.finish_reason != "stop_string":
             text += stream.flush()
         if len(text) > sent:

@@ -138,13 +138,14 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
 
 def load(path="demo", device="cpu", dtype=None, context: int | None = None,
          progress: Progress | None = None, gpu_budget=None, expert_slots: int | None = None,
-         prefetch: bool = True, backend: str = "qlite") -> Qwen2:
+         prefetch: bool = True, backend: str = "qlite", bnb_bits: int = 4) -> Qwen2:
     """Load a Qwen2 / Qwen2-MoE model directory (or "demo") ready for inference.
 
     `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply.
     `context` caps the context window (default: the config's max_position_embeddings).
     `gpu_budget` (bytes or "24GiB") or `expert_slots` keep the routed experts of an MoE model
-    in CPU memory with a device cache of experts (see qlite/offload.py)."""
+    in CPU memory with a device cache of experts (see qlite/offload.py).
+    `backend="bnb"` swaps in bitsandbytes NF4 (`bnb_bits=4`) or int8 linears: the baseline."""
     model_dir = resolve_model_dir(path, progress)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -163,12 +164,12 @@ def load(path="demo", device="cpu", dtype=None, context: int | None = None,
     if config.quantization:
         from qlite.quantize import swap_to_quantized
         swap_to_quantized(model, config.quantization)
-    # Offloaded experts stay in host memory; everything else goes to the device.
-    place = (lambda key: "cpu" if offload and ".experts." in key else device)
+    # With offloading the plan keeps routed experts (maybe the embedding) in host memory.
+    place = plan.place if offload else (lambda key: device)
     load_weights(model, model_dir, place, dtype, progress)
     if backend == "bnb":
         from qlite.bnb import to_bitsandbytes
-        to_bitsandbytes(model)
+        to_bitsandbytes(model, bits=bnb_bits)
     elif backend != "qlite":
         raise QliteError(f"--backend {backend!r}: choose qlite or bnb")
     if offload:

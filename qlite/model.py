@@ -226,8 +226,10 @@ class Qwen2(nn.Module):
         self.cache_len = max_len
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for input_ids [B, T].
+                positions: torch.Tensor | None = None, start: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T] ([B, 1, vocab] with last_only, which is
+        all a prefill needs: the vocabulary projection is the largest matmul).
 
         Without `start`: a plain causal forward, no cache involved. `attention_mask` [B, T]
         (1 = token, 0 = left padding) masks padding; positions then count real tokens only.
@@ -250,6 +252,8 @@ class Qwen2(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, start)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     @staticmethod

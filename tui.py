@@ -353,7 +353,8 @@ class HelpScreen(ModalScreen[None]):
 # The chat
 
 class ChatInput(TextArea):
-    """The message box: Enter sends; Ctrl+J / Shift+Enter / Alt+Enter make a new line."""
+    """The message box: Enter sends; Ctrl+J (or Shift+Enter where the terminal reports it)
+    makes a new line."""
 
     class Submitted(Message):
         def __init__(self, text: str):
@@ -367,9 +368,13 @@ class ChatInput(TextArea):
         if event.key == "enter":
             event.stop()
             event.prevent_default()
-            self.post_message(self.Submitted(self.text))
+            # Empty the box now, not when the message is handled: keys typed in between
+            # belong to the next message.
+            text = self.text
+            self.clear()
+            self.post_message(self.Submitted(text))
             return
-        if event.key in ("ctrl+j", "shift+enter", "alt+enter", "newline"):
+        if event.key in ("ctrl+j", "shift+enter", "newline"):
             event.stop()
             event.prevent_default()
             self.replace("\n", *self.selection)
@@ -392,7 +397,8 @@ class ConversationList(ListView):
 
 
 class MessageBox(Vertical):
-    """One message: who said it, then the text as Markdown."""
+    """One message: who said it, then the text. Replies are Markdown; your own messages are
+    shown as typed (line breaks and pasted code kept), as most chat apps do."""
 
     def __init__(self, role: str, content: str = "", message_id: int | None = None,
                  label: str | None = None, note: str = ""):
@@ -403,7 +409,15 @@ class MessageBox(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(self.header(), classes="role")
-        yield Markdown(self.content)
+        if self.role == "user":
+            yield Static(self.content, classes="text", markup=False)
+        else:
+            yield Markdown(self.content)
+
+    @property
+    def text(self) -> str:
+        """The text on screen (a streaming reply's grows in its Markdown widget)."""
+        return self.content if self.role == "user" else self.query_one(Markdown).source
 
     def header(self) -> str:
         return self.label_text + (f" · {self.note}" if self.note else "")
@@ -610,13 +624,14 @@ class ChatScreen(Screen):
         if not text:
             return
         if text.startswith("/"):
-            self.query_one("#input", ChatInput).clear()
             await self.command(text)
             return
         if self.reply is not None:
             self.notify("Still replying: Escape stops it.", severity="warning")
+            box = self.query_one("#input", ChatInput)
+            box.text = event.text + box.text  # give the message back, nothing lost
+            box.move_cursor(box.document.end)
             return
-        self.query_one("#input", ChatInput).clear()
         await self.send(text)
 
     async def send(self, text: str):

@@ -116,7 +116,7 @@ async def send(pilot, chat: ChatScreen, text: str):
 
 
 def boxes(chat):
-    return [(b.role, b.query_one("Markdown").source) for b in chat.query(MessageBox)]
+    return [(b.role, b.text) for b in chat.query(MessageBox)]
 
 
 def make_app(model_dir, spy=None, **kwargs):
@@ -166,11 +166,14 @@ async def test_escape_stops_at_once_and_keeps_the_partial_reply(model_dir, data_
         await wait_for(pilot, lambda: chat.reply is not None and chat.reply.text)
         shown = chat.reply.text
         box = chat.reply.box
+        # Enter while a reply is coming refuses to send, and gives the text back
+        await pilot.press(*"wait", "enter")
+        assert chat.query_one(ChatInput).text == "wait" and len(spy.calls) == 1
         await pilot.press("escape")
         assert chat.reply is None  # the reply ended on screen before the thread noticed
         await wait_for(pilot, lambda: spy.finished.is_set() and not chat.lock.locked())
         await pilot.pause()
-        assert box.query_one("Markdown").source == shown  # nothing arrived after Escape
+        assert box.text == shown  # nothing arrived after Escape
         assert "stopped" in str(box.query_one(".role").render())
         conv = chat.conversation_id
         [user, assistant] = chat.history.messages(conv)
@@ -179,6 +182,7 @@ async def test_escape_stops_at_once_and_keeps_the_partial_reply(model_dir, data_
         # the app is usable again: the next message gets a reply
         spy.hold = False
         await send(pilot, chat, "again")
+        assert spy.calls[-1][0][-1] == {"role": "user", "content": "again"}
         assert [m.role for m in chat.history.messages(conv)] == [
             "user", "assistant", "user", "assistant"]
 

@@ -130,17 +130,31 @@ def _affine_error(w, s, z):
 
 def _hqq_zero(w, s, z, iters=20, lp=0.7, beta=10.0, kappa=1.01):
     """HQQ: with the scale fixed, alternate a proximal (lp < 1) split of the residual into a
-    sparse outlier part e, and the zero point that best explains w - e; keep each group's best."""
-    best_z, best = z, _affine_error(w, s, z)
+    sparse outlier part e, and the zero point that best explains w - e; keep each group's best.
+    Works in code units (w / s) since s is fixed; errors are compared per group."""
+    ws = w / s
+
+    def residual(z):  # (w - dequantized) / s, and the group's squared error in code units
+        r = ws - (ws + z).round().clamp(0, 15) + z
+        return r, r.square().sum(-1, keepdim=True)
+
+    r, best = residual(z)
+    best_z, last = z, best.sum()
     for _ in range(iters):
-        q = (w / s + z).round().clamp(0, 15)
-        r = w - (q - z) * s
-        e = r.sign() * torch.relu(r.abs() - r.abs().clamp(min=1e-8).pow(lp - 1) / beta)
-        z = _f16((q - (w - e) / s).mean(-1, keepdim=True))
+        # The shrink keeps only |residual| above beta^(-1 / (2 - lp)) (in weight units); with
+        # typical weights no residual is that large and the step is a plain mean.
+        r_w = r * s
+        if (r_w.abs() > beta ** (-1 / (2 - lp))).any():
+            e = r_w.sign() * torch.relu(r_w.abs() - r_w.abs().clamp(min=1e-8).pow(lp - 1) / beta)
+            r = r - e / s
+        z = _f16(z - r.mean(-1, keepdim=True))  # = mean(q - (w - e) / s)
         beta *= kappa
-        err = _affine_error(w, s, z)
+        r, err = residual(z)
         better = err < best
         best_z, best = torch.where(better, z, best_z), torch.where(better, err, best)
+        if err.sum() >= last:  # HQQ's stopping rule: the whole tensor stopped improving
+            break
+        last = err.sum()
     return best_z
 
 
@@ -157,6 +171,8 @@ def _refit_affine(w, s, z, iters=10):
         z = _f16(torch.where(ok, qm - wm / s, best_z))
         err = _affine_error(w, s, z)
         better = err < best
+        if not better.any():
+            break
         best_s, best_z, best = (torch.where(better, s, best_s), torch.where(better, z, best_z),
                                 torch.where(better, err, best))
     return best_s, best_z
@@ -177,6 +193,8 @@ def _refit_scale(w, s, qmax, iters=10):
         s = _f16(torch.where(qq > 0, (q * w).sum(-1, keepdim=True) / qq.clamp(min=1), best_s).clamp(min=_MIN_SCALE))
         err = error(s)
         better = err < best
+        if not better.any():
+            break
         best_s, best = torch.where(better, s, best_s), torch.where(better, err, best)
     return best_s
 

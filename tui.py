@@ -489,6 +489,7 @@ class ChatScreen(Screen):
         self.editing: int | None = None  # id of the message being edited, if any
         self.last_stats = None
         self.context_tokens = 0
+        self.thread: threading.Thread | None = None  # the latest generation thread
 
     # layout
     def compose(self) -> ComposeResult:
@@ -662,9 +663,9 @@ class ChatScreen(Screen):
         self.reply = Reply(self.runs, self.conversation_id, threading.Event(), box, stream)
         kwargs = dict(self.extra_sampling, temperature=self.settings.temperature,
                       top_p=self.settings.top_p, max_new_tokens=self.settings.max_tokens)
-        thread = threading.Thread(target=self.generate, name="qlite-generate", daemon=True,
-                                  args=(self.reply.run, messages, kwargs, self.reply.cancel))
-        thread.start()
+        self.thread = threading.Thread(target=self.generate, name="qlite-generate", daemon=True,
+                                       args=(self.reply.run, messages, kwargs, self.reply.cancel))
+        self.thread.start()
         self.update_status()
 
     def generate(self, run: int, messages: list[dict], kwargs: dict, cancel: threading.Event):
@@ -1021,6 +1022,7 @@ class ChatApp(App):
         self.sampling = sampling  # fixed extras for generate: top_k, repetition_penalty, seed
         self.model = None
         self.chat_screen: ChatScreen | None = None
+        self.load_thread: threading.Thread | None = None
         self.closing = threading.Event()  # tells the loading thread to give up
 
     def on_mount(self):
@@ -1032,7 +1034,9 @@ class ChatApp(App):
             self.screen.show_error(str(e))
             return
         self.push_screen(LoadingScreen(self.loading_heading()))
-        threading.Thread(target=self.load_model, name="qlite-load", daemon=True).start()
+        self.load_thread = threading.Thread(target=self.load_model, name="qlite-load",
+                                            daemon=True)
+        self.load_thread.start()
 
     def loading_heading(self) -> str:
         if str(self.model_spec) != "demo":
@@ -1091,12 +1095,16 @@ class ChatApp(App):
         await self.switch_screen(self.chat_screen)
 
     def on_unmount(self):
-        # Let the threads go: a load gives up at its next progress report, a reply at its
-        # next token.
+        # Stop the threads and wait for them: a load gives up at its next progress report, a
+        # reply at its next token. Leaving torch running in a thread while Python shuts down
+        # aborts the process ("terminate called without an active exception").
         self.closing.set()
         chat = self.chat_screen
         if chat is not None and chat.reply is not None:
             chat.reply.cancel.set()
+        for thread in (self.load_thread, chat.thread if chat is not None else None):
+            if thread is not None:
+                thread.join(timeout=60)
 
 
 def main(model="demo", device=None, dtype=None, context: int | None = None, **options):

@@ -127,8 +127,9 @@ def _child(seed):
 @pytest.fixture(scope="module")
 def interpreted():
     seed = random.randrange(1 << 30)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")  # tiny tensors: see test_quant
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # qlite, installed or not
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(seed)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

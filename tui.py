@@ -485,6 +485,7 @@ class ChatScreen(Screen):
         self.settings = Settings()
         self.reply: Reply | None = None
         self.runs = 0
+        self.run_conversations: dict[int, int] = {}  # run -> its conversation, until it is done
         self.lock = threading.Lock()  # one generation at a time on the model's KV cache
         self.editing: int | None = None  # id of the message being edited, if any
         self.last_stats = None
@@ -661,6 +662,7 @@ class ChatScreen(Screen):
         self.runs += 1
         stream = Markdown.get_stream(box.query_one(Markdown))
         self.reply = Reply(self.runs, self.conversation_id, threading.Event(), box, stream)
+        self.run_conversations[self.runs] = self.conversation_id
         kwargs = dict(self.extra_sampling, temperature=self.settings.temperature,
                       top_p=self.settings.top_p, max_new_tokens=self.settings.max_tokens)
         self.thread = threading.Thread(target=self.generate, name="qlite-generate", daemon=True,
@@ -712,7 +714,10 @@ class ChatScreen(Screen):
 
     @on(Done)
     async def done(self, event: Done):
-        if event.stats is not None:
+        # A stopped reply's thread reports late; its numbers only mean something if its
+        # conversation is still the one on screen.
+        conversation_id = self.run_conversations.pop(event.run, None)
+        if event.stats is not None and conversation_id == self.conversation_id:
             self.show_stats(event.stats)
         if self.reply is not None and event.run == self.reply.run:
             await self.finish(event.stats.finish_reason if event.stats else "error", event.error)

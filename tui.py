@@ -1017,9 +1017,10 @@ class ChatApp(App):
 
     def __init__(self, model="demo", *, device=None, dtype=None, context: int | None = None,
                  history: str | Path | History | None = None, volatile: bool = True,
-                 loader=None, **sampling):
+                 loader=None, load_options: dict | None = None, **sampling):
         super().__init__()
         self.model_spec, self.device, self.dtype, self.context = model, device, dtype, context
+        self.load_options = load_options or {}  # more qlite.load options: backend, gpu_budget...
         self.history_spec = history
         self.history: History | None = None
         self.volatile = volatile
@@ -1073,7 +1074,7 @@ class ChatApp(App):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             model = self.loader(self.model_spec, device=device, dtype=self.dtype,
-                                context=self.context, progress=progress)
+                                context=self.context, progress=progress, **self.load_options)
             result, error = model, None
         except QliteError as e:
             result, error = None, str(e)
@@ -1112,12 +1113,16 @@ class ChatApp(App):
                 thread.join(timeout=60)
 
 
-def main(model="demo", device=None, dtype=None, context: int | None = None, **options):
+def main(model="demo", device=None, dtype=None, context: int | None = None,
+         load_options: dict | None = None, **options):
     """`qlite chat`: run the chat on `model` (a directory, or "demo").
 
-    options: `history` (path of the SQLite file; default under $XDG_DATA_HOME/qlite), and fixed
-    sampling extras passed to every generate call (top_k, repetition_penalty, seed)."""
-    ChatApp(model, device=device, dtype=dtype, context=context, **options).run()
+    load_options: more keyword arguments of qlite.load (backend, gpu_budget, expert_slots,
+    prefetch...). options: `history` (path of the SQLite file; default under
+    $XDG_DATA_HOME/qlite), and fixed sampling extras passed to every generate call (top_k,
+    repetition_penalty, seed)."""
+    ChatApp(model, device=device, dtype=dtype, context=context, load_options=load_options,
+            **options).run()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def progress_printer(stream=sys.stderr):
 
 def _add_model_args(p):
     p.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
                    "(default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--context", type=int, default=None, help="context window cap in tokens")
@@ -132,7 +132,9 @@ def cmd_repl(args):
 
 def cmd_chat(args):
     from qlite.tui import main as tui_main
-    tui_main(model=args.model, **_load_options(args))
+    options = _load_options(args)
+    tui_main(args.model, device=options.pop("device"), dtype=options.pop("dtype"),
+             context=options.pop("context"), load_options=options)
 
 
 def cmd_plan(args):

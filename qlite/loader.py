@@ -136,17 +136,20 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
     handles.clear()
 
 
-def load(path="demo", device="cpu", dtype=None, context: int | None = None,
+def load(path="demo", device=None, dtype=None, context: int | None = None,
          progress: Progress | None = None, gpu_budget=None, expert_slots: int | None = None,
          prefetch: bool = True, backend: str = "qlite", bnb_bits: int = 4) -> Qwen2:
     """Load a Qwen2 / Qwen2-MoE model directory (or "demo") ready for inference.
 
     `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply.
-    `context` caps the context window (default: the config's max_position_embeddings).
+    `device` defaults to cuda when there is one. `context` caps the context window
+    (default: the config's max_position_embeddings).
     `gpu_budget` (bytes or "24GiB") or `expert_slots` keep the routed experts of an MoE model
     in CPU memory with a device cache of experts (see qlite/offload.py).
     `backend="bnb"` swaps in bitsandbytes NF4 (`bnb_bits=4`) or int8 linears: the baseline."""
     model_dir = resolve_model_dir(path, progress)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QliteError(f"--device {device}: CUDA is not available on this machine")

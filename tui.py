@@ -502,9 +502,11 @@ class ChatScreen(Screen):
             with Vertical(id="chat"):
                 yield VerticalScroll(id="messages")
                 yield Static("", id="notice")
-                yield ChatInput(id="input", soft_wrap=True, show_line_numbers=False,
+                box = ChatInput(id="input", soft_wrap=True, show_line_numbers=False,
                                 compact=True, placeholder="Message (Enter sends, Ctrl+J new line,"
                                 " F1 help)")
+                box.cursor_blink = self.volatile  # a blinking cursor makes snapshots flaky
+                yield box
         yield Static("", id="status")
         yield Footer()
 
@@ -963,7 +965,8 @@ class ChatScreen(Screen):
 class ChatApp(App):
     """Loads the model (with progress), then opens the chat.
 
-    `volatile=False` leaves timings and memory figures out of the status bar, for snapshots.
+    `volatile=False` leaves timings and memory figures out of the status bar and stops the
+    cursor blinking, for snapshots.
     `loader` stands in for qlite.load in tests."""
     TITLE = "qlite chat"
     CSS = """

@@ -48,7 +48,7 @@ from qlite.errors import QliteError
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 2_000_000_000  # at most 2 GB per output shard (a bigger tensor gets a shard alone)
-ROW_BLOCK_ELEMENTS = 1 << 24  # read and quantize big matrices 16M weights (64 MB fp32) at a time
+ROW_BLOCK_ELEMENTS = 1 << 22  # read and quantize big matrices 4M weights (16 MB fp32) at a time
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 KEEPABLE = ("lm_head", "embed")
@@ -111,14 +111,13 @@ def quantized_targets(model: nn.Module, qcfg: dict):
 def _quantized_module(module: nn.Module, qcfg: dict) -> nn.Module:
     """The empty (meta) quantized counterpart of one target module."""
     from qlite.model import Experts
-    from qlite import quant
     bits, g, sym = qcfg["bits"], qcfg.get("group_size") or 128, bool(qcfg.get("symmetric"))
     if isinstance(module, Experts):
         e, two_i, d = module.gate_up_proj.shape
-        return _make_experts(quant, e, d, two_i // 2, bits, g, sym)
+        return _make_experts(e, d, two_i // 2, bits, g, sym)
     if isinstance(module, nn.Embedding):
         return QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, g, sym)
-    return _make_linear(quant, module.in_features, module.out_features,
+    return _make_linear(module.in_features, module.out_features,
                         module.bias is not None, bits, g, sym)
 
 
@@ -234,7 +233,7 @@ class QuantEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Adapters to qlite.quant (K's): the only place that knows its constructor signatures.
+# Adapters to qlite.quant: the only place that knows its constructors and quantizer.
 
 def _packed_shapes(n: int, k: int, bits: int, group_size: int, symmetric: bool):
     """Buffer name -> (shape, dtype) of one packed [N, K] matrix (qlite.quant.formats)."""
@@ -247,67 +246,19 @@ def _packed_shapes(n: int, k: int, bits: int, group_size: int, symmetric: bool):
     return shapes
 
 
-def _quant_modules():
-    """(QuantLinear, QuantExperts) of qlite.quant, or this file's stand-ins until they exist."""
-    from qlite import quant
-    return (getattr(quant, "QuantLinear", None) or _RefQuantLinear,
-            getattr(quant, "QuantExperts", None) or _RefQuantExperts)
+def _make_linear(k, n, bias, bits, g, sym):
+    from qlite.quant import QuantLinear
+    return QuantLinear(k, n, bias=bias, bits=bits, group_size=g, symmetric=sym)
 
 
-def _make_linear(quant, k, n, bias, bits, g, sym):
-    cls = _quant_modules()[0]
-    return cls(k, n, bias=bias, bits=bits, group_size=g, symmetric=sym)
-
-
-def _make_experts(quant, e, d, i, bits, g, sym):
-    cls = _quant_modules()[1]
-    return cls(e, d, i, bits=bits, group_size=g, symmetric=sym)
+def _make_experts(e, d, i, bits, g, sym):
+    from qlite.quant import QuantExperts
+    return QuantExperts(e, d, i, bits=bits, group_size=g, symmetric=sym)
 
 
 def _expert_holder(experts: nn.Module, part: str) -> nn.Module:
-    """The submodule of a quantized-experts module holding `part`'s packed buffers."""
+    """The submodule of QuantExperts holding `part`'s stacked packed buffers."""
     return getattr(experts, part)
-
-
-class _RefQuantLinear(nn.Module):
-    """Stand-in for qlite.quant.QuantLinear (same buffers), on the plain-PyTorch reference."""
-
-    def __init__(self, in_features, out_features, bias=True, bits=4, group_size=128,
-                 symmetric=False):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
-        for name, (shape, dtype) in _packed_shapes(out_features, in_features, bits, group_size,
-                                                   symmetric).items():
-            self.register_buffer(name, torch.empty(shape, dtype=dtype))
-        if not hasattr(self, "zeros"):
-            self.zeros = None
-        self.register_buffer("bias", torch.empty(out_features) if bias else None)
-
-    def forward(self, x):
-        from qlite.kernels.reference import quant_matmul
-        y = quant_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-class _RefQuantExperts(nn.Module):
-    """Stand-in for qlite.quant.QuantExperts: stacked packed gate_up_proj / down_proj."""
-
-    def __init__(self, num_experts, dim, hidden, bits=4, group_size=128, symmetric=False):
-        super().__init__()
-        self.num_experts, self.hidden, self.bits, self.group_size = (num_experts, hidden, bits,
-                                                                     group_size)
-        self.gate_up_proj = _RefQuantLinear(dim, 2 * hidden, False, bits, group_size, symmetric)
-        self.down_proj = _RefQuantLinear(hidden, dim, False, bits, group_size, symmetric)
-        for lin, n, k in ((self.gate_up_proj, 2 * hidden, dim), (self.down_proj, dim, hidden)):
-            for name, (shape, dtype) in _packed_shapes(n, k, bits, group_size, symmetric).items():
-                lin.register_buffer(name, torch.empty((num_experts, *shape), dtype=dtype))
-
-    def forward(self, x, topk_ids, topk_weights):
-        from qlite.kernels.reference import fused_moe
-        w13 = (self.gate_up_proj.qweight, self.gate_up_proj.scales, self.gate_up_proj.zeros)
-        w2 = (self.down_proj.qweight, self.down_proj.scales, self.down_proj.zeros)
-        return fused_moe(x, topk_ids, topk_weights, w13, w2, self.bits, self.group_size)
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, group_size: int, method: str,
@@ -414,8 +365,9 @@ class _Reader:
 
 class _ShardWriter:
     def __init__(self, out: Path, entries: list[tuple[str, tuple, torch.dtype]],
-                 shard_bytes: int = SHARD_BYTES):
+                 shard_bytes: int | None = None):
         self.out = out
+        shard_bytes = shard_bytes or SHARD_BYTES
         shards, cur, size = [], [], 0
         for e in entries:
             n = math.prod(e[1]) * _itemsize(e[2])
@@ -754,15 +706,13 @@ def _quantize_module(name, m, qcfg, sources, reader: _Reader, writer: _ShardWrit
                 src = parts[0][0]
                 for e in range(e_num):
                     w = reader.rows(src, e, e + 1)[0].float()
-                    _write_packed(writer, f"{name}.{part}", quantize_matrix(
-                        w, bits, g, method, sym), e)
+                    _write_packed(writer, f"{name}.{part}", _quantize_tensor(w, qcfg), e)
                 nbytes += reader.index[src].nbytes
                 continue
             per = len(parts) // e_num
             for e in range(e_num):
                 w = torch.cat([reader.rows(n).float() for n, _ in parts[e * per:(e + 1) * per]])
-                _write_packed(writer, f"{name}.{part}",
-                              quantize_matrix(w, bits, g, method, sym), e)
+                _write_packed(writer, f"{name}.{part}", _quantize_tensor(w, qcfg), e)
                 nbytes += sum(reader.index[n].nbytes for n, _ in parts[e * per:(e + 1) * per])
                 del w
         return nbytes
@@ -777,6 +727,12 @@ def _quantize_module(name, m, qcfg, sources, reader: _Reader, writer: _ShardWrit
         writer.write(f"{name}.bias", reader.rows(bsrc).to(dtypes[f"{name}.bias"]))
         nbytes += reader.index[bsrc].nbytes
     return nbytes
+
+
+def _quantize_tensor(w: torch.Tensor, qcfg: dict) -> dict:
+    """quantize_rows on a matrix already in memory (one expert's)."""
+    return quantize_rows(lambda r0, r1: w[r0:r1], w.shape[0], w.shape[1], qcfg["bits"],
+                         qcfg["group_size"] or 128, qcfg["method"], qcfg["symmetric"])
 
 
 def _write_packed(writer, prefix, packed: dict, index):

@@ -1,0 +1,204 @@
+"""Demo-model speed on this CPU: prefill and decode tokens/s, same prompt, same run.
+
+- qlite float32 and bfloat16 vs transformers at the same dtype (ratio printed);
+- qlite int8 and int4 (g128; the quantizer does not change speed, RTN is used to save time),
+  with float32 and bfloat16 activations;
+- llama.cpp (llama-cpp-python, a bench-only dependency) on the demo GGUF (Q4_K_M), same threads.
+
+Prefill: one forward over the prompt (--prompt tokens of a stdlib file) into an empty cache.
+Decode: --decode greedy steps of one token each after that prefill (tokens/s over those steps).
+Each figure is the best of --repeat runs. Results go to bench/results/cpu.md.
+
+    python bench/bench_cpu.py [--prompt 256 --decode 32 --repeat 2 --only qlite-fp32,llama.cpp]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import qlite  # noqa: E402
+
+RUNNERS = ["qlite-fp32", "hf-fp32", "qlite-bf16", "hf-bf16", "qlite-int8-fp32", "qlite-int8-bf16",
+           "qlite-int4-fp32", "qlite-int4-bf16", "llama.cpp"]
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text(encoding="utf-8")
+    return tokenizer.encode(text)[:n]
+
+
+@torch.no_grad()
+def run_qlite(model, ids, decode):
+    model.setup_cache(1, len(ids) + decode + 1)
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    logits = model(x, start=0)
+    t1 = time.perf_counter()
+    tok = logits[0, -1].argmax()
+    pos = len(ids)
+    out = [int(tok)]
+    t2 = time.perf_counter()
+    for _ in range(decode):
+        logits = model(tok.view(1, 1), start=pos)
+        pos += 1
+        tok = logits[0, -1].argmax()
+        out.append(int(tok))
+    t3 = time.perf_counter()
+    return len(ids) / (t1 - t0), decode / (t3 - t2), out
+
+
+@torch.no_grad()
+def run_hf(model, ids, decode):
+    from transformers import DynamicCache
+    x = torch.tensor([ids])
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    out = model(x, past_key_values=cache, use_cache=True)
+    t1 = time.perf_counter()
+    tok = out.logits[0, -1].argmax()
+    toks = [int(tok)]
+    t2 = time.perf_counter()
+    for _ in range(decode):
+        out = model(tok.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        tok = out.logits[0, -1].argmax()
+        toks.append(int(tok))
+    t3 = time.perf_counter()
+    return len(ids) / (t1 - t0), decode / (t3 - t2), toks
+
+
+def run_llama(llm, ids, decode):
+    import numpy as np
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    toks = [tok]
+    t2 = time.perf_counter()
+    for _ in range(decode):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        toks.append(tok)
+    t3 = time.perf_counter()
+    return len(ids) / (t1 - t0), decode / (t3 - t2), toks
+
+
+def make(name, model_dir, gguf, threads, ctx):
+    """(callable(ids, decode) -> (prefill tok/s, decode tok/s, tokens), model)"""
+    if name.startswith("qlite"):
+        dtype = "bfloat16" if name.endswith("bf16") else "float32"
+        model = qlite.load(model_dir, dtype=dtype)
+        if "-int" in name:
+            from qlite.quantize import quantize_model
+            bits = 8 if "int8" in name else 4
+            quantize_model(model, bits=bits, group_size=128, method="rtn")
+        return (lambda ids, d: run_qlite(model, ids, d)), model
+    if name.startswith("hf"):
+        from transformers import AutoModelForCausalLM
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        return (lambda ids, d: run_hf(model, ids, d)), model
+    if name == "llama.cpp":
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise RuntimeError(f"llama-cpp-python is not installed ({e}); "
+                               f"pip install llama-cpp-python (builds from source)") from None
+        llm = Llama(model_path=str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+                    n_batch=512, logits_all=True, verbose=False)
+        return (lambda ids, d: run_llama(llm, ids, d)), llm
+    raise ValueError(name)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--only", default=",".join(RUNNERS))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu.md"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from qlite.loader import resolve_model_dir
+    from qlite.pull import demo_gguf_path, pull_demo_gguf
+    from qlite.tokenizer import Tokenizer
+    model_dir = resolve_model_dir("demo")
+    gguf = demo_gguf_path() if demo_gguf_path().is_file() else pull_demo_gguf()
+    ids = prompt_ids(Tokenizer.from_dir(model_dir), args.prompt)
+
+    results = {}
+    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+        try:
+            run, model = make(name, model_dir, gguf, args.threads, args.prompt + args.decode + 8)
+            best = None
+            for _ in range(args.repeat):
+                pre, dec, toks = run(ids, args.decode)
+                best = (pre, dec, toks) if best is None else (max(best[0], pre),
+                                                             max(best[1], dec), toks)
+            results[name] = best
+            del run, model
+            print(f"{name:18s} prefill {best[0]:8.1f} tok/s   decode {best[1]:6.2f} tok/s",
+                  flush=True)
+        except Exception as e:
+            results[name] = str(e)
+            print(f"{name:18s} not run: {e}", flush=True)
+        write_table(args, results)
+    print(write_table(args, results))
+
+
+def write_table(args, results) -> str:
+    def ratio(a, b, i):
+        ra, rb = results.get(a), results.get(b)
+        if isinstance(ra, tuple) and isinstance(rb, tuple):
+            return f"{ra[i] / rb[i]:.2f}x"
+        return "–"
+
+    lines = ["# CPU speed, demo model (Qwen2.5-Coder-0.5B-Instruct)", "",
+             f"{datetime.date.today()} · {_cpu_name()} ({os.cpu_count()} cores, "
+             f"{args.threads} threads), torch {torch.__version__} · prompt {args.prompt} tokens, "
+             f"{args.decode} greedy decode steps, best of {args.repeat} · "
+             f"`python bench/bench_cpu.py`", "",
+             "| runner | prefill tok/s | decode tok/s | same first tokens as qlite-fp32 |",
+             "|---|---:|---:|---|"]
+    ref = results.get("qlite-fp32")
+    for name, r in results.items():
+        if not isinstance(r, tuple):
+            lines.append(f"| {name} | – | – | not run: {r} |")
+            continue
+        same = "–" if not isinstance(ref, tuple) else \
+            f"{sum(a == b for a, b in zip(r[2], ref[2]))}/{len(ref[2])}"
+        lines.append(f"| {name} | {r[0]:.1f} | {r[1]:.2f} | {same} |")
+    lines += ["", "Ratios (same run):", ""]
+    for a, b in (("qlite-fp32", "hf-fp32"), ("qlite-bf16", "hf-bf16"),
+                 ("qlite-int8-fp32", "llama.cpp"), ("qlite-int4-fp32", "llama.cpp"),
+                 ("qlite-int8-bf16", "llama.cpp"), ("qlite-int4-bf16", "llama.cpp"),
+                 ("qlite-int4-fp32", "qlite-fp32")):
+        if a in results and b in results:
+            lines.append(f"- {a} / {b}: prefill {ratio(a, b, 0)}, decode {ratio(a, b, 1)}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

@@ -48,11 +48,19 @@ def qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps); the first is taken under the interpreter.
-_CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, SPLIT_K=s, num_warps=w)
-            for n, k, w in ((32, 256, 4), (16, 256, 4), (32, 128, 4), (16, 512, 4), (64, 128, 4),
-                            (64, 256, 8), (128, 128, 8))
-            for s in (1, 2, 4, 8)]
+# (BLOCK_N, BLOCK_K, num_warps). On CUDA cores a thread holds BLOCK_M * BLOCK_N * BLOCK_K /
+# (32 * num_warps) products; tiles keeping that <= 32 stay near 128 registers on sm_90.
+_TILES = [(16, 256, 4), (32, 128, 4), (8, 512, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8),
+          (16, 128, 4), (8, 256, 4), (16, 256, 8), (8, 128, 4), (16, 128, 8), (8, 256, 8)]
+
+
+def _configs(block_m, n, k, device):
+    tiles = [t for t in _TILES if block_m == 16 or block_m * t[0] * t[1] <= 32 * 32 * t[2]]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    # Split K only while the grid is short of a few waves, and never into empty slices.
+    return [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=w) for bn, bk, w in tiles
+            for split in (1, 2, 4, 8)
+            if split == 1 or (triton.cdiv(n, bn) * split <= 8 * sms and split <= triton.cdiv(k, bk))]
 
 
 def qgemv(x, qweight, scales, zeros, bits: int, group_size: int, out=None, config=None):
@@ -76,9 +84,7 @@ def qgemv(x, qweight, scales, zeros, bits: int, group_size: int, out=None, confi
         if split > 1:
             torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
 
-    # Bound the registers: the broadcast product holds BLOCK_M * BLOCK_N * BLOCK_K floats.
-    limit = 8192 if block_m == 16 else 16384 // block_m
-    configs = [c for c in _CONFIGS if c["BLOCK_N"] * c["BLOCK_K"] <= limit]
+    configs = _configs(block_m, N, K, x.device)
     key = ("qgemv", block_m, N, K, bits, group_size, zeros is not None, x.dtype)
     run(config or pick(key, configs, run))  # config: force one (tests)
     return out

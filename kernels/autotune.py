@@ -17,10 +17,11 @@ def interpreting() -> bool:
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
-    """Whether kernels upcast tl.dot operands to float32: for float32 activations (a true fp32
-    product, not TF32, so results match the reference), and for bfloat16 under the interpreter,
-    whose bfloat16 tl.dot multiplies the raw bits (triton 3.9). The operands are rounded to the
-    activation dtype first, so the numbers are those of a bfloat16 dot with float32 accumulation."""
+    """Whether kernels upcast tl.dot operands to float32 (and multiply them as 3xTF32, a
+    float32-accurate product on tensor cores): for float32 activations, so results match the
+    float32 reference, and for bfloat16 under the interpreter, whose bfloat16 tl.dot multiplies
+    the raw bits (triton 3.9). The operands are rounded to the activation dtype first, so the
+    numbers are those of a bfloat16 dot with float32 accumulation."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 

@@ -48,14 +48,14 @@ def moe_matmul_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, rw_ptr,
         w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_rows, K,
                              BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(a.dtype)
         if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(a, tl.trans(w), acc)
         if GATE_UP:
             w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n + N, k0, n_rows, K,
                                  BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(a.dtype)
             if DOT_F32:
-                acc_up = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc_up, input_precision="ieee")
+                acc_up = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc_up, input_precision="tf32x3")
             else:
                 acc_up = tl.dot(a, tl.trans(w), acc_up)
     if BITS == 8:

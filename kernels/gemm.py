@@ -36,7 +36,7 @@ def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
                              BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(x.dtype)
         if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     if BITS == 8:

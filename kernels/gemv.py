@@ -36,7 +36,7 @@ def qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm,
         if USE_DOT:
             w = w.to(x.dtype)
             if DOT_F32:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
         else:

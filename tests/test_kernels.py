@@ -167,6 +167,103 @@ def test_moe_align_block_size_groups_slots_by_expert():
         assert used == int(((counts + bm - 1) // bm * bm).sum())
 
 
+# ---- compiled for a real GPU, without one ------------------------------------------------------
+
+_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
+
+
+def _compile_cases():
+    """(kernel, fmt, dtype, constexprs, num_warps, num_stages): the interpreter does not run
+    Triton's compiler, so compile each kernel's launch shapes for sm_90 here."""
+    from qlite.kernels.fused_moe import _CONFIGS as moe_configs
+    from qlite.kernels.gemm import _CONFIGS as gemm_configs
+    from qlite.kernels.gemv import _configs as gemv_configs
+
+    cases = []
+    for f in [(4, 128, True), (4, 32, False), (8, 0, False)]:
+        for dt in ("bfloat16",) + (("float32",) if f == (4, 128, True) else ()):
+            for bm in (1, 4, 16):
+                c = gemv_configs(bm, 4096, 4096, torch.device("cpu"))[-1]  # the largest split
+                cases.append(("qgemv", f, dt, dict(BLOCK_M=bm, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                                                   SPLIT_K=c["SPLIT_K"], USE_DOT=bm == 16), c["num_warps"], 3))
+            c = gemm_configs[-1]
+            cases.append(("qgemm", f, dt, dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                                               GROUP_M=8), c["num_warps"], c["num_stages"]))
+            c = moe_configs[0]
+            for gate_up in (True, False):
+                cases.append(("moe", f, dt, dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                                                 GATE_UP=gate_up, A_ROW_DIV=8 if gate_up else 1),
+                              c["num_warps"], c["num_stages"]))
+    return cases
+
+
+def _compile_child():
+    import re
+    import shutil
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qlite.kernels.fused_moe import moe_matmul_kernel
+    from qlite.kernels.gemm import qgemm_kernel
+    from qlite.kernels.gemv import qgemv_kernel
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    results = {}
+    for kernel, (bits, g, has_zeros), dt, consts, warps, stages in _compile_cases():
+        a, w = _PTR[dt], "*u8" if bits == 4 else "*i8"
+        common = dict(qw_ptr=w, s_ptr="*fp16", z_ptr="*fp16")
+        fmt = dict(BITS=bits, GROUP=g, HAS_ZEROS=has_zeros, DOT_F32=dt == "float32")
+        if kernel == "qgemv":
+            fn, sig = qgemv_kernel, dict(x_ptr=a, **common, out_ptr=a, M="i32", N="i32", K="i32", stride_xm="i32")
+        elif kernel == "qgemm":
+            fn, sig = qgemm_kernel, dict(x_ptr=a, **common, out_ptr=a, M="i32", N="i32", K="i32",
+                                         stride_xm="i32", stride_om="i32")
+        else:
+            fn, sig = moe_matmul_kernel, dict(a_ptr=a, **common, out_ptr=a if consts["GATE_UP"] else "*fp32",
+                                              rw_ptr="*fp32", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
+                                              num_padded_ptr="*i32", num_slots="i32", N="i32", K="i32",
+                                              stride_am="i32", stride_qe="i32", stride_se="i32")
+        consts = {**fmt, **consts}
+        sig.update({k: "constexpr" for k in consts})
+        cid = f"{kernel}-{_fmt(bits, g, has_zeros)}-{dt}-" + "x".join(str(v) for v in consts.values())
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+            spill = 0
+            if shutil.which(cuobjdump):
+                with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+                    f.write(k.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                           capture_output=True, text=True).stdout
+                spill = int((re.search(r"STACK:(\d+)", usage) or [0, 0])[1])
+            results[cid] = spill
+        except Exception as exc:
+            results[cid] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+    print(json.dumps(results))
+
+
+def test_kernels_compile_for_sm90_and_16bit_paths_do_not_spill():
+    """Triton's real compiler on the CPU (no GPU needed): each kernel, each format, for sm_90."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "ptxas" in proc.stderr:
+        pytest.skip("this triton build cannot compile for CUDA here (no ptxas)")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = {k: v for k, v in results.items() if isinstance(v, str)}
+    assert not errors, errors
+    # Spills only matter on the fast paths: 16-bit activations.
+    spills = {k: v for k, v in results.items() if v and "float32" not in k}
+    assert not spills, spills
+
+
 # ---- CUDA: run when a GPU is lent --------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -221,4 +318,4 @@ def test_cuda_fused_moe_matches_reference(fmt, t, dt):
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]))
+    _compile_child() if sys.argv[1] == "--compile" else _child(int(sys.argv[1]))

@@ -37,8 +37,8 @@ def progress_printer(stream=sys.stderr):
 def _add_model_args(p):
     p.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
-                   "(default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: "
+                   "bfloat16; float32 for 16-bit weights on the cpu)")
     p.add_argument("--context", type=int, default=None, help="context window cap in tokens")
     p.add_argument("--backend", default="qlite", choices=["qlite", "bnb"],
                    help="bnb: bitsandbytes linears in place of qlite's (the baseline)")

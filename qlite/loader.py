@@ -28,9 +28,11 @@ _EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_p
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """The activation dtype. By default bfloat16 on CUDA; on the CPU float32 for 16-bit
+    weights (exact), bfloat16 for quantized ones (torch's packed int4/int8 matmuls take it)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -153,8 +155,8 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QliteError(f"--device {device}: CUDA is not available on this machine")
-    dtype = resolve_dtype(dtype, device)
     config = load_config(model_dir)
+    dtype = resolve_dtype(dtype, device, quantized=bool(config.quantization))
     offload = (gpu_budget is not None or expert_slots is not None)
     if offload:
         if not config.is_moe:

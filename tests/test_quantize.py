@@ -50,13 +50,17 @@ def _reference(src, bits, group_size, method, symmetric=False, quantize_lm_head=
                                                             "experts.down_proj")) and \
                     not (name.endswith("weight") and _is_quantized_linear(model, name,
                                                                            quantize_lm_head)):
-                p.copy_(p.bfloat16().float())
+                p.data = p.bfloat16().float()  # fresh (aligned) memory, as the loader's cast makes
     quantize_model_linears(model, bits, group_size or 128, method, symmetric,
                            quantize_lm_head=quantize_lm_head)
     for layer in model.model.layers:
         if isinstance(getattr(layer.mlp, "experts", None), Experts):
             layer.mlp.experts = QuantExperts.from_experts(layer.mlp.experts, bits, group_size or 128,
                                                           method, symmetric)
+    for module in model.modules():  # as qlite.load does: floating tensors in the load dtype
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                module._buffers[name] = buf.float()
     return model
 
 
@@ -68,12 +72,12 @@ def _is_quantized_linear(model, pname, quantize_lm_head):
     return type(m) is torch.nn.Linear and not mod.endswith(("mlp.gate", "shared_expert_gate"))
 
 
-CASES = [(8, None, "rtn", False), (8, None, "hqq", False), (4, 32, "hqq", False),
-         (4, 32, "rtn", False), (4, 32, "hqq", True)]
+CASES = [(8, None, "rtn", False), (4, 32, "hqq", False), (4, 32, "rtn", False),
+         (4, 32, "rtn", True)]
 
 
 @pytest.mark.parametrize("bits, group_size, method, symmetric", CASES,
-                         ids=["int8-rtn", "int8-hqq", "int4-g32-hqq", "int4-g32-rtn", "int4-g32-sym"])
+                         ids=["int8-rtn", "int4-g32-hqq", "int4-g32-rtn", "int4-g32-sym"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_quantized_checkpoint_loads_and_equals_in_memory_quantization(
         tiny_dense, moe_dir, tmp_path, moe, bits, group_size, method, symmetric):

@@ -26,6 +26,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 # Published MoE checkpoints store each routed expert apart; the model stacks them.
 _EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_QUANT_PARAMS = (".scales", ".zeros")
 
 
 def resolve_dtype(dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
@@ -103,7 +104,7 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
                  dtype: torch.dtype, progress: Progress | None = None):
     """Fill a meta-device model from the checkpoint in model_dir, tensor by tensor.
     `place(name)` gives each model tensor's device. Floating-point tensors take `dtype`;
-    integer (packed) tensors keep theirs."""
+    integer (packed) tensors and quantization scales and zeros keep theirs."""
     tensors = read_checkpoint(model_dir)
     sources = _sources(model, tensors)
     _check(model, sources, tensors, model_dir)
@@ -117,7 +118,9 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
         if info.file not in handles:
             handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
         t = handles[info.file].get_tensor(name)
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        # Quantization scales and zeros keep their float16: bfloat16 would round them.
+        cast = t.is_floating_point() and not name.endswith(_QUANT_PARAMS)
+        return t.to(device=device, dtype=dtype if cast else t.dtype)
 
     for key, parts in sources.items():
         if model.config.tie_word_embeddings and key == "lm_head.weight":
@@ -168,7 +171,7 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
         model = Qwen2(config)
     if config.quantization:
         from qlite.quantize import swap_to_quantized
-        swap_to_quantized(model, config.quantization)
+        swap_to_quantized(model, config.quantization, dtype)
     # With offloading the plan keeps routed experts (maybe the embedding) in host memory.
     place = plan.place if offload else (lambda key: device)
     load_weights(model, model_dir, place, dtype, progress)

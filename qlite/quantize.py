@@ -108,29 +108,30 @@ def quantized_targets(model: nn.Module, qcfg: dict):
     return out
 
 
-def _quantized_module(module: nn.Module, qcfg: dict) -> nn.Module:
-    """The empty (meta) quantized counterpart of one target module."""
+def _quantized_module(module: nn.Module, qcfg: dict, dtype=torch.float32) -> nn.Module:
+    """The empty (meta) quantized counterpart of one target module; `dtype` is the activation
+    dtype (what a quantized embedding returns)."""
     from qlite.model import Experts
     bits, g, sym = qcfg["bits"], qcfg.get("group_size") or 128, bool(qcfg.get("symmetric"))
     if isinstance(module, Experts):
         e, two_i, d = module.gate_up_proj.shape
         return _make_experts(e, d, two_i // 2, bits, g, sym)
     if isinstance(module, nn.Embedding):
-        return QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, g, sym)
+        return QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, g, sym, dtype)
     return _make_linear(module.in_features, module.out_features,
                         module.bias is not None, bits, g, sym)
 
 
-def swap_to_quantized(model: nn.Module, qcfg: dict) -> nn.Module:
+def swap_to_quantized(model: nn.Module, qcfg: dict, dtype=torch.float32) -> nn.Module:
     """Replace, in place, the target modules of a (meta-device) model by empty quantized ones,
     so the loader can fill them by state-dict name from a checkpoint `quantize_checkpoint`
-    wrote. `qcfg` is config.json's `quantization` section."""
+    wrote. `qcfg` is config.json's `quantization` section; `dtype` the activation dtype."""
     check_qcfg(qcfg, "config.json")
     with torch.device("meta"):
         for name, module in quantized_targets(model, qcfg):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr,
-                    _quantized_module(module, qcfg))
+                    _quantized_module(module, qcfg, dtype))
     if model.config.tie_word_embeddings and not isinstance(model.lm_head, nn.Linear):
         raise QliteError("config.json: a quantized lm_head needs tie_word_embeddings false")
     return model
@@ -170,11 +171,11 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128
         dtype = next(module.parameters()).dtype
         device = next(module.parameters()).device
         with torch.device("meta"):
-            new = _quantized_module(module, qcfg)
+            new = _quantized_module(module, qcfg, dtype)
 
-        def fill(mod, packed):  # as the loader does: floating tensors take the model's dtype
+        def fill(mod, packed):  # as the loader does: packed tensors, scales, zeros keep theirs
             for buf, t in packed.items():
-                mod._buffers[buf] = t.to(device, dtype if t.is_floating_point() else t.dtype)
+                mod._buffers[buf] = t.to(device)
 
         if isinstance(module, Experts):
             for part in ("gate_up_proj", "down_proj"):
@@ -209,9 +210,11 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128
 class QuantEmbedding(nn.Module):
     """nn.Embedding on a quantized table, same packed layout as QuantLinear (rows = tokens)."""
 
-    def __init__(self, num: int, dim: int, bits: int, group_size: int, symmetric: bool):
+    def __init__(self, num: int, dim: int, bits: int, group_size: int, symmetric: bool,
+                 dtype=torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num, dim
+        self.dtype = dtype  # of the rows it returns: the model's activations
         self.bits, self.group_size = bits, group_size
         shapes = _packed_shapes(num, dim, bits, group_size, symmetric)
         for name, (shape, dtype) in shapes.items():
@@ -229,7 +232,7 @@ class QuantEmbedding(nn.Module):
             s = self.scales[:, flat]
             z = None if self.zeros is None else self.zeros[:, flat]
         w = dequantize(q, s, z, self.bits, self.group_size)  # float32
-        return w.to(self.scales.dtype).view(*ids.shape, self.embedding_dim)
+        return w.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
 
 # ---------------------------------------------------------------------------------------------

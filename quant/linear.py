@@ -90,11 +90,12 @@ class QuantLinear(nn.Module):
         m = x.shape[0]
         fast = x.dtype == torch.bfloat16 or (m <= _CPU_OP_MAX_M and x.dtype in (torch.float32, torch.float16))
         if fast and self.bits == 8:
-            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales.to(x.dtype))
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight,
+                                                      self._cpu_pack_for(x.dtype)[1])
         if fast and self.out_features % 16 == 0:  # the CPU int4 op packs N in blocks of 16
-            packed, scale_zero = self._cpu_int4_pack()
+            packed, scale_zero = self._cpu_pack_for(x.dtype)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size,
-                                                              scale_zero.to(x.dtype))
+                                                              scale_zero)
         # The reference, a slice of output channels at a time to bound the float32 copy.
         rows = max(1, _REF_CHUNK // self.in_features)
         out = torch.empty(m, self.out_features, dtype=x.dtype)
@@ -105,18 +106,23 @@ class QuantLinear(nn.Module):
                 None if self.zeros is None else self.zeros[:, sl], self.bits, self.group_size)
         return out
 
-    def _cpu_int4_pack(self):
-        """torch's CPU int4 layout: codes re-packed, and per group (scale, offset) with
-        w = (code - 8) * scale + offset, i.e. offset = (8 - zero) * scale. Kept beside qweight
-        (half a byte per weight more) and rebuilt if qweight is replaced or written."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version,
+    def _cpu_pack_for(self, dtype):
+        """What torch's CPU ops take, built on first use in the activation dtype (a conversion
+        per call costs more than the int8 matmul itself) and rebuilt if a buffer is written.
+        int8: (qweight, scales). int4: codes re-packed in torch's layout (half a byte per weight
+        beside qweight), and per group (scale, offset) with w = (code - 8) * scale + offset,
+        i.e. offset = (8 - zero) * scale."""
+        key = (dtype, self.qweight.data_ptr(), self.qweight._version, self.scales._version,
                None if self.zeros is None else self.zeros._version)
         if self._cpu_pack is None or self._cpu_pack[0] != key:
-            codes = reference.unpack_int4(self.qweight).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-            s = self.scales.float()
-            offset = torch.zeros_like(s) if self.zeros is None else (8 - self.zeros.float()) * s
-            self._cpu_pack = (key, packed, torch.stack([s, offset], dim=-1))
+            if self.bits == 8:
+                self._cpu_pack = (key, self.qweight, self.scales.to(dtype))
+            else:
+                codes = reference.unpack_int4(self.qweight).to(torch.int32)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+                s = self.scales.float()
+                offset = torch.zeros_like(s) if self.zeros is None else (8 - self.zeros.float()) * s
+                self._cpu_pack = (key, packed, torch.stack([s, offset], dim=-1).to(dtype))
         return self._cpu_pack[1], self._cpu_pack[2]
 
 

@@ -57,9 +57,9 @@ def _reference(src, bits, group_size, method, symmetric=False, quantize_lm_head=
         if isinstance(getattr(layer.mlp, "experts", None), Experts):
             layer.mlp.experts = QuantExperts.from_experts(layer.mlp.experts, bits, group_size or 128,
                                                           method, symmetric)
-    for module in model.modules():  # as qlite.load does: floating tensors in the load dtype
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.is_floating_point():
+    for module in model.modules():  # as qlite.load does: biases in the load dtype, scales
+        for name, buf in module._buffers.items():  # and zeros stay float16
+            if buf is not None and buf.is_floating_point() and name not in ("scales", "zeros"):
                 module._buffers[name] = buf.float()
     return model
 

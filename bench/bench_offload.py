@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qlite.config import config_from_dict  # noqa: E402
+from qlite.loader import set_tensor  # noqa: E402
 from qlite.model import MoE, Qwen2  # noqa: E402
 from qlite.offload import LRFU, LRU, ExpertCache, ExpertStore, Stats, offload_experts  # noqa: E402
 from qlite.plan import fmt_bytes, make_plan  # noqa: E402
@@ -74,23 +75,14 @@ def _random(name: str, like: torch.Tensor, device, dtype, group: int) -> torch.T
     return torch.randn(shape, dtype=dtype, device=device) / math.sqrt(shape[-1])
 
 
-def _set(model: nn.Module, key: str, value: torch.Tensor):
-    mod_name, _, attr = key.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    if attr in mod._parameters:
-        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        mod._buffers[attr] = value
-
-
 def synthetic_model(raw: dict, plan, dtype, group: int) -> Qwen2:
     from qlite.quantize import swap_to_quantized
     cfg = config_from_dict(dict(raw, quantization=qcfg(4, group)), "synthetic")
     with torch.device("meta"):
         model = Qwen2(cfg)
-    swap_to_quantized(model, cfg.quantization)
+    swap_to_quantized(model, cfg.quantization, dtype)
     for key, t in model.state_dict(keep_vars=True).items():
-        _set(model, key, _random(key, t, plan.place(key), dtype, group))
+        set_tensor(model, key, _random(key, t, plan.place(key), dtype, group))
     model.eval()
     return model
 

@@ -51,7 +51,7 @@ def resolve_model_dir(path, progress: Progress | None = None) -> Path:
     return path
 
 
-def _sources(model: nn.Module, tensors: dict[str, TensorInfo]):
+def tensor_sources(model: nn.Module, tensors: dict[str, TensorInfo]):
     """For each model tensor, where its data comes from: [(checkpoint name, row slice)].
 
     A stacked expert tensor missing from the checkpoint is gathered from per-expert tensors
@@ -68,7 +68,7 @@ def _sources(model: nn.Module, tensors: dict[str, TensorInfo]):
     return sources
 
 
-def _check(model: nn.Module, sources, tensors: dict[str, TensorInfo], where: Path):
+def check_tensors(model: nn.Module, sources, tensors: dict[str, TensorInfo], where: Path):
     params = model.state_dict(keep_vars=True)
     tied = model.config.tie_word_embeddings
     wanted = set()
@@ -91,7 +91,7 @@ def _check(model: nn.Module, sources, tensors: dict[str, TensorInfo], where: Pat
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor):
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     if attr in module._parameters:
@@ -106,8 +106,8 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
     `place(name)` gives each model tensor's device. Floating-point tensors take `dtype`;
     integer (packed) tensors and quantization scales and zeros keep theirs."""
     tensors = read_checkpoint(model_dir)
-    sources = _sources(model, tensors)
-    _check(model, sources, tensors, model_dir)
+    sources = tensor_sources(model, tensors)
+    check_tensors(model, sources, tensors, model_dir)
     params = model.state_dict(keep_vars=True)
     total = sum(tensors[n].nbytes for parts in sources.values() for n, _ in parts if n in tensors)
     done = 0
@@ -134,7 +134,7 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
                                 dtype=dtype if like.is_floating_point() else like.dtype)
             for name, index in parts:
                 value[index] = read(name, device)
-        _set_tensor(model, key, value)
+        set_tensor(model, key, value)
         done += sum(tensors[n].nbytes for n, _ in parts)
         if progress:
             progress("loading weights", done, total)

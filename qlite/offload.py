@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from qlite.errors import QliteError
 from qlite.model import MoE, group_by_expert
-from qlite.plan import ALIGN, Plan, make_plan, parse_bytes  # noqa: F401  (re-exported)
+from qlite.plan import ALIGN, Plan, make_plan
 
 
 def plan_offload(config, device, dtype, gpu_budget=None, expert_slots=None, context=None) -> Plan:

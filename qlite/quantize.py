@@ -545,7 +545,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
     `available_methods()`, default the best (HQQ). `keep_16bit`: any of "lm_head", "embed"
     (a list or "lm_head,embed"). Bad input raises QliteError before anything is written."""
     from qlite.config import config_from_dict
-    from qlite.loader import _check, _sources
+    from qlite.loader import check_tensors, tensor_sources
     from qlite.model import Qwen2
 
     # -- options
@@ -589,8 +589,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
         tensors = read_checkpoint(src_dir)
         with torch.device("meta"):
             model = Qwen2(cfg)
-        sources = _sources(model, tensors)
-        _check(model, sources, tensors, src_dir)
+        sources = tensor_sources(model, tensors)
+        check_tensors(model, sources, tensors, src_dir)
 
         # A tied lm_head to be quantized is untied: it is quantized from the embedding.
         untie = cfg.tie_word_embeddings and "lm_head" not in keep

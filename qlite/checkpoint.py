@@ -1,26 +1,45 @@
-"""Reading safetensors checkpoints: single file or sharded, checked before any tensor is read.
+"""safetensors checkpoints: reading (single file or sharded, checked before any tensor is read)
+and writing (streamed, one tensor at a time).
 
 The header of a safetensors file lists every tensor's dtype, shape and byte range, so a missing,
 unexpected, mis-shaped or truncated tensor is reported (naming the shard and tensor) before a
-single weight is loaded.
+single weight is loaded, and a writer that knows every shape can write all headers first.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qlite.errors import QliteError
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+          "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def nbytes_of(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
 class TensorInfo:
     name: str
     file: Path
-    dtype: str
+    dtype: str          # the safetensors name: "F32", "BF16", "U8", ...
     shape: tuple[int, ...]
     nbytes: int
+    start: int          # absolute byte offset of the data in the file
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
@@ -40,9 +59,12 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     tensors, data_end = {}, 0
     for name, meta in header.items():
+        if meta["dtype"] not in DTYPES:
+            raise QliteError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
         begin, end = meta["data_offsets"]
         data_end = max(data_end, end)
-        tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), end - begin)
+        tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), end - begin,
+                                   8 + n + begin)
     if 8 + n + data_end > size:
         last = max(tensors.values(), key=lambda t: header[t.name]["data_offsets"][1])
         raise QliteError(f"{file}: truncated: tensor {last.name!r} ends at byte {8 + n + data_end}"
@@ -81,6 +103,81 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
                 raise QliteError(f"{file}: tensor {name!r} also in {tensors[name].file.name}")
             tensors[name] = info
     return tensors
+
+
+class ShardWriter:
+    """Writes a checkpoint whose tensor names, shapes and dtypes are known up front: every
+    header first, then each tensor's bytes at its offset as it arrives, so only one tensor is
+    ever held in memory. Shards of at most `shard_bytes` (a bigger tensor gets one alone); an
+    index file when there are several. close() checks that every byte was written."""
+
+    def __init__(self, out: Path, entries: list[tuple[str, tuple, torch.dtype]],
+                 shard_bytes: int):
+        self.out = out
+        shards, cur, size = [], [], 0
+        for e in entries:
+            n = nbytes_of(e[1], e[2])
+            if cur and size + n > shard_bytes:
+                shards.append(cur)
+                cur, size = [], 0
+            cur.append(e)
+            size += n
+        if cur:
+            shards.append(cur)
+        self.where: dict[str, tuple] = {}  # name -> (file, data start, nbytes, shape, dtype, fname)
+        self.written: dict[str, int] = {}
+        self.files = []
+        for i, shard in enumerate(shards):
+            fname = ("model.safetensors" if len(shards) == 1
+                     else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, shape, dtype in shard:
+                n = nbytes_of(shape, dtype)
+                header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + n]}
+                offset += n
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            f = open(out / fname, "wb")
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
+            self.files.append((fname, f))
+            for name, shape, dtype in shard:
+                b, e = header[name]["data_offsets"]
+                self.where[name] = (f, 8 + len(raw) + b, e - b, tuple(shape), dtype, fname)
+                self.written[name] = 0
+
+    def write(self, name: str, t: torch.Tensor, index: int | None = None):
+        """Write tensor `name`, or its slice [index] along dim 0 (a stacked expert)."""
+        f, start, nbytes, shape, dtype, _ = self.where[name]
+        want = shape if index is None else shape[1:]
+        if tuple(t.shape) != tuple(want) or t.dtype != dtype:
+            raise QliteError(f"internal: {name}{'' if index is None else f'[{index}]'} is "
+                             f"{t.dtype} {list(t.shape)}, the format says {dtype} {list(want)}")
+        data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        f.seek(start + (0 if index is None else index * data.nbytes))
+        f.write(memoryview(data))
+        self.written[name] += data.nbytes
+
+    def close(self) -> dict:
+        for name, (_, _, nbytes, *_rest) in self.where.items():
+            if self.written[name] != nbytes:
+                raise QliteError(f"internal: tensor {name!r} got {self.written[name]} of "
+                                 f"{nbytes} bytes")
+        for _, f in self.files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        total = sum(w[2] for w in self.where.values())
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: w[5] for n, w in self.where.items()}}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return {"total_size": total, "files": [f for f, _ in self.files]}
+
+    def abort(self):
+        for _, f in self.files:
+            f.close()
 
 
 def describe(path) -> str:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
+from qlite.checkpoint import ShardWriter
 from qlite.config import Config
 from qlite.errors import QliteError
 
@@ -253,33 +255,6 @@ def generation_config(tok: dict, cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Weights
 
-def _st_header(entries: list[tuple[str, tuple[int, ...]]]) -> bytes:
-    """A safetensors header for float32 tensors laid out back to back, padded to 8 bytes."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in entries:
-        n = 4 * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def _plan_shards(entries: list[tuple[str, tuple[int, ...], object]]) -> list[list]:
-    """Greedy split into shards of at most SHARD_BYTES (a bigger tensor gets a shard alone)."""
-    shards, cur, size = [], [], 0
-    for e in entries:
-        n = 4 * int(np.prod(e[1], dtype=np.int64))
-        if cur and size + n > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(e)
-        size += n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
 def _write_weights(reader, cfg: Config, path: Path, out: Path, progress: Progress | None):
     """Dequantize tensor by tensor, streaming each straight into its shard: the shapes are known
     from the GGUF header, so every safetensors header can be written first and only one
@@ -296,32 +271,27 @@ def _write_weights(reader, cfg: Config, path: Path, out: Path, progress: Progres
     entries.sort(key=lambda e: _order(e[0]))
     _check_tensors(cfg, {name: shape for name, shape, _ in entries}, path)
 
-    shards = _plan_shards(entries)
-    weight_map, total, done = {}, len(entries), 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        with open(out / fname, "wb") as f:
-            f.write(_st_header([(name, shape) for name, shape, _ in shard]))
-            for name, shape, t in shard:
-                try:
-                    w = dequantize(t.data, t.tensor_type)
-                except Exception as e:
-                    raise QliteError(f"{path}: cannot dequantize tensor {t.name} of type "
-                                     f"{t.tensor_type.name} ({e})") from None
-                w = np.ascontiguousarray(w, dtype=np.float32)
-                if w.shape != shape:
-                    raise QliteError(f"{path}: tensor {t.name} dequantized to shape {w.shape}, "
-                                     f"its header says {shape}")
-                f.write(memoryview(w).cast("B"))
-                weight_map[name] = fname
-                del w
-                done += 1
-                if progress:
-                    progress("convert", done, total)
-    index = {"metadata": {"total_size": sum(4 * int(np.prod(s, dtype=np.int64))
-                                            for _, s, _ in entries)},
-             "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    writer = ShardWriter(out, [(name, shape, torch.float32) for name, shape, _ in entries],
+                         SHARD_BYTES)
+    try:
+        for done, (name, shape, t) in enumerate(entries, 1):
+            try:
+                w = dequantize(t.data, t.tensor_type)
+            except Exception as e:
+                raise QliteError(f"{path}: cannot dequantize tensor {t.name} of type "
+                                 f"{t.tensor_type.name} ({e})") from None
+            w = np.require(w, np.float32, ["C", "W"])  # F32 tensors come as read-only views
+            if w.shape != shape:
+                raise QliteError(f"{path}: tensor {t.name} dequantized to shape {w.shape}, "
+                                 f"its header says {shape}")
+            writer.write(name, torch.from_numpy(w))
+            del w
+            if progress:
+                progress("convert", done, len(entries))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _order(name: str):

@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import shutil
-import struct
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from qlite.checkpoint import DTYPES, ShardWriter, TensorInfo, nbytes_of
 from qlite.errors import QliteError
 
 FORMAT_VERSION = 1
@@ -62,10 +60,6 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 Progress = Callable[..., None]  # (stage, done, total) and optionally tensors=(done, total)
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-              "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPES_16 = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -297,47 +291,17 @@ def quantize_rows(read_rows: Callable[[int, int], torch.Tensor], n: int, k: int,
 # ---------------------------------------------------------------------------------------------
 # Reading the source: plain reads of byte ranges (no mmap).
 
-@dataclass
-class _Src:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple
-    start: int  # absolute byte offset of the data
-
-    @property
-    def nbytes(self):
-        return math.prod(self.shape) * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _source_index(files: list[Path]) -> dict[str, _Src]:
-    out = {}
-    for file in files:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name, meta in header.items():
-            if meta["dtype"] not in _ST_DTYPES:
-                raise QliteError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-            out[name] = _Src(file, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]),
-                             8 + n + meta["data_offsets"][0])
-    return out
-
-
 class _Reader:
-    def __init__(self, index: dict[str, _Src]):
+    def __init__(self, index: dict[str, TensorInfo]):
         self.index = index
         self.handles = {}
 
     def rows(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
         """Rows r0:r1 (along dim 0) of a source tensor, in its own dtype, freshly allocated."""
         src = self.index[name]
+        dtype = src.torch_dtype
         shape = list(src.shape)
-        row = math.prod(shape[1:]) * _itemsize(src.dtype) if shape else _itemsize(src.dtype)
+        row = nbytes_of(shape[1:], dtype)
         if r0 is None:
             r0, r1 = 0, shape[0] if shape else 1
         if shape:
@@ -354,8 +318,8 @@ class _Reader:
                 raise QliteError(f"{src.file}: truncated at tensor {name!r}")
             got += n
         if not buf:
-            return torch.empty(shape, dtype=src.dtype)
-        return torch.frombuffer(buf, dtype=src.dtype).view(shape)
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
 
     def close(self):
         for f in self.handles.values():
@@ -365,77 +329,6 @@ class _Reader:
 
 # ---------------------------------------------------------------------------------------------
 # Writing: headers first, then each tensor's bytes at its offset.
-
-class _ShardWriter:
-    def __init__(self, out: Path, entries: list[tuple[str, tuple, torch.dtype]],
-                 shard_bytes: int | None = None):
-        self.out = out
-        shard_bytes = shard_bytes or SHARD_BYTES
-        shards, cur, size = [], [], 0
-        for e in entries:
-            n = math.prod(e[1]) * _itemsize(e[2])
-            if cur and size + n > shard_bytes:
-                shards.append(cur)
-                cur, size = [], 0
-            cur.append(e)
-            size += n
-        if cur:
-            shards.append(cur)
-        self.where: dict[str, tuple] = {}  # name -> (file, data start, nbytes, shape, dtype)
-        self.written: dict[str, int] = {}
-        self.files = []
-        for i, shard in enumerate(shards):
-            fname = ("model.safetensors" if len(shards) == 1
-                     else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name, shape, dtype in shard:
-                n = math.prod(shape) * _itemsize(dtype)
-                header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
-                                "data_offsets": [offset, offset + n]}
-                offset += n
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            f = open(out / fname, "wb")
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            f.truncate(8 + len(raw) + offset)
-            self.files.append((fname, f))
-            for name, shape, dtype in shard:
-                b, e = header[name]["data_offsets"]
-                self.where[name] = (f, 8 + len(raw) + b, e - b, tuple(shape), dtype, fname)
-                self.written[name] = 0
-
-    def write(self, name: str, t: torch.Tensor, index: int | None = None):
-        """Write tensor `name`, or its slice [index] along dim 0 (a stacked expert)."""
-        f, start, nbytes, shape, dtype, _ = self.where[name]
-        want = shape if index is None else shape[1:]
-        if tuple(t.shape) != tuple(want) or t.dtype != dtype:
-            raise QliteError(f"internal: {name}{'' if index is None else f'[{index}]'} is "
-                             f"{t.dtype} {list(t.shape)}, the format says {dtype} {list(want)}")
-        data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        f.seek(start + (0 if index is None else index * data.nbytes))
-        f.write(memoryview(data))
-        self.written[name] += data.nbytes
-
-    def close(self) -> dict:
-        for name, (_, _, nbytes, *_rest) in self.where.items():
-            if self.written[name] != nbytes:
-                raise QliteError(f"internal: tensor {name!r} got {self.written[name]} of "
-                                 f"{nbytes} bytes")
-        for _, f in self.files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        total = sum(w[2] for w in self.where.values())
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {n: w[5] for n, w in self.where.items()}}
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return {"total_size": total, "files": [f for f, _ in self.files]}
-
-    def abort(self):
-        for _, f in self.files:
-            f.close()
-
 
 # ---------------------------------------------------------------------------------------------
 # The job
@@ -585,7 +478,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
         if raw.get("quantization"):
             raise QliteError(f"{src_dir}: is already quantized")
         cfg = config_from_dict(raw, str(src_dir / "config.json"))
-        from qlite.checkpoint import checkpoint_files, read_checkpoint
+        from qlite.checkpoint import read_checkpoint
         tensors = read_checkpoint(src_dir)
         with torch.device("meta"):
             model = Qwen2(cfg)
@@ -601,7 +494,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
                 "group_size": group_size, "method": method, "symmetric": bool(symmetric),
                 "keep_16bit": keep, "dtype_16bit": None}
         src_dtypes = {tensors[n].dtype for parts in sources.values() for n, _ in parts}
-        keep_dtype = (_ST_DTYPES[next(iter(src_dtypes))] if len(src_dtypes) == 1
+        keep_dtype = (DTYPES[next(iter(src_dtypes))] if len(src_dtypes) == 1
                       and next(iter(src_dtypes)) in ("BF16", "F16") else _DTYPES_16[dtype_16bit])
         qcfg["dtype_16bit"] = str(keep_dtype).removeprefix("torch.")
         jobs = _plan(model, qcfg, sources, src_dir)
@@ -617,8 +510,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
             dtype = t.dtype if not t.is_floating_point() or quantized else keep_dtype
             entries.append((key, tuple(t.shape), dtype))
         dtypes = dict((k, d) for k, _, d in entries)
-        writer = _ShardWriter(tmp, entries)
-        reader = _Reader(_source_index(checkpoint_files(src_dir)))
+        writer = ShardWriter(tmp, entries, SHARD_BYTES)
+        reader = _Reader(tensors)
 
         total = sum(tensors[n].nbytes for key, parts in sources.items()
                     if not (cfg.tie_word_embeddings and key == "lm_head.weight")
@@ -694,7 +587,7 @@ def _owner(key: str, targets: set[str]) -> str | None:
     return None
 
 
-def _quantize_module(name, m, qcfg, sources, reader: _Reader, writer: _ShardWriter,
+def _quantize_module(name, m, qcfg, sources, reader: _Reader, writer: ShardWriter,
                      dtypes) -> int:
     """Quantize one target module from the source, writing its buffers; return source bytes."""
     from qlite.model import Experts

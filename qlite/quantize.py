@@ -262,10 +262,13 @@ def quantize_matrix(w: torch.Tensor, bits: int, group_size: int, method: str,
                     symmetric: bool) -> dict[str, torch.Tensor]:
     """One float matrix [N, K] -> its packed buffers {qweight, scales[, zeros]}."""
     from qlite.quant.formats import quantize
-    qt = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, method=method)
-    out = {"qweight": qt.qweight, "scales": qt.scales}
+    # The quantizers are plain torch: HQQ's iterations run far faster on a GPU when there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qt = quantize(w.to(device), bits=bits, group_size=group_size, symmetric=symmetric,
+                  method=method)
+    out = {"qweight": qt.qweight.cpu(), "scales": qt.scales.cpu()}
     if qt.zeros is not None:
-        out["zeros"] = qt.zeros
+        out["zeros"] = qt.zeros.cpu()
     return out
 
 

@@ -1,4 +1,5 @@
-"""The weight-tile loader shared by the matmul and MoE kernels (layouts: qlite.quant.formats)."""
+"""The weight-tile loader and the dot step shared by the matmul and MoE kernels (layouts:
+qlite.quant.formats)."""
 import triton
 import triton.language as tl
 
@@ -38,3 +39,14 @@ def load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
         else:
             w = (q - 8.0) * s[:, :, None]
         return w.reshape(BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def dot_acc(a, w, acc, DOT_F32: tl.constexpr):
+    """acc + a @ w.T. With DOT_F32 the operands go up to float32 and multiply as 3xTF32, a
+    float32-accurate product on tensor cores (see autotune.dot_f32 for when)."""
+    if DOT_F32:
+        acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(a, tl.trans(w), acc)
+    return acc

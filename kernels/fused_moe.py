@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .autotune import dot_f32, pick
-from .dequant import load_weight_tile
+from .dequant import dot_acc, load_weight_tile
 from .reference import moe_align_block_size
 
 
@@ -47,17 +47,11 @@ def moe_matmul_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, rw_ptr,
         # Lanes past N read the up rows in the gate tile; they are never stored.
         w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, n_rows, K,
                              BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(a.dtype)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
+        acc = dot_acc(a, w, acc, DOT_F32)
         if GATE_UP:
             w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n + N, k0, n_rows, K,
                                  BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(a.dtype)
-            if DOT_F32:
-                acc_up = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc_up, input_precision="tf32x3")
-            else:
-                acc_up = tl.dot(a, tl.trans(w), acc_up)
+            acc_up = dot_acc(a, w, acc_up, DOT_F32)
     if BITS == 8:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < n_rows, other=0.0).to(tl.float32)[None, :]
         if GATE_UP:

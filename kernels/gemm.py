@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .autotune import dot_f32, pick
-from .dequant import load_weight_tile
+from .dequant import dot_acc, load_weight_tile
 
 
 @triton.jit
@@ -35,10 +35,7 @@ def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
         w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
                              BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(x.dtype)
-        if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = dot_acc(x, w, acc, DOT_F32)
     if BITS == 8:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .autotune import dot_f32, pick
-from .dequant import load_weight_tile
+from .dequant import dot_acc, load_weight_tile
 
 
 @triton.jit
@@ -35,10 +35,7 @@ def qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm,
                              BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K)
         if USE_DOT:
             w = w.to(x.dtype)
-            if DOT_F32:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = dot_acc(x, w, acc, DOT_F32)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     if BITS == 8:

@@ -196,6 +196,7 @@ def describe(path) -> str:
         params[t.dtype] += n
         nbytes[t.dtype] += t.nbytes
     files = checkpoint_files(model_dir)
+    disk = sum(f.stat().st_size for f in files)
     lines = [f"{model_dir}",
              f"  architecture   {cfg.architecture}",
              f"  layers         {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads "
@@ -204,11 +205,17 @@ def describe(path) -> str:
         lines.append(f"  experts        {cfg.num_experts} routed (top {cfg.num_experts_per_tok}),"
                      f" shared {cfg.shared_expert_intermediate_size}")
     lines.append(f"  tensors        {len(tensors)} in {len(files)} file(s), "
-                 f"{sum(f.stat().st_size for f in files) / 1e6:,.1f} MB on disk")
+                 f"{disk / 1e6:,.1f} MB on disk")
     for dtype in sorted(params):
         lines.append(f"  {dtype:<14} {params[dtype] / 1e6:,.1f}M elements, "
                      f"{nbytes[dtype] / 1e6:,.1f} MB")
-    if cfg.quantization:
-        q = cfg.quantization
+    if cfg.quantization:  # written by qlite quantize, with the source checkpoint's size
+        q = {k: v for k, v in cfg.quantization.items() if k not in ("source_bytes",
+                                                                    "quantized_bytes")}
         lines.append("  quantization   " + ", ".join(f"{k}={v}" for k, v in q.items()))
+        source = cfg.quantization.get("source_bytes")
+        if source:
+            lines.append(f"  bytes saved    {(source - disk) / 1e6:,.1f} MB: {disk / 1e6:,.1f} MB"
+                         f" on disk for a {source / 1e6:,.1f} MB source "
+                         f"({100 * disk / source:.0f}%)")
     return "\n".join(lines)

@@ -644,15 +644,3 @@ def _write_packed(writer, prefix, packed: dict, index):
 
 def _write_json(file: Path, obj):
     file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def quantized_size(model_dir) -> dict | None:
-    """For `qlite inspect`: the quantization section plus bytes on disk and bytes saved."""
-    from qlite.checkpoint import checkpoint_files
-    from qlite.config import load_config
-    cfg = load_config(model_dir)
-    q = cfg.quantization
-    if not q:
-        return None
-    disk = sum(f.stat().st_size for f in checkpoint_files(Path(model_dir)))
-    return dict(q, disk_bytes=disk, saved_bytes=q.get("source_bytes", disk) - disk)

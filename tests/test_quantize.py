@@ -8,6 +8,7 @@ logits -> bound 2%. int4 with groups of 32 has a step of (range/15): ~8% per wei
 equals, bit for bit, the same model quantized in memory by qlite.quant's own helpers.
 """
 import json
+import re
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import torch
 
 import qlite
 from qlite.errors import QliteError
-from qlite.quantize import quantize_checkpoint, quantize_model, quantized_size
+from qlite.quantize import quantize_checkpoint, quantize_model
 
 from conftest import save_tiny
 
@@ -126,8 +127,16 @@ def test_keep_lm_head_and_bfloat16_activations(tiny_dense, tmp_path):
     with torch.no_grad():
         got = model(IDS)
     assert got.dtype == torch.bfloat16 and _rel(got.float(), hf(IDS).logits) < 0.2
-    size = quantized_size(out)
-    assert size["saved_bytes"] > 0 and size["disk_bytes"] < size["source_bytes"]
+
+
+def test_inspect_shows_the_format_and_the_bytes_saved(tiny_dense, tmp_path, capsys):
+    from qlite.cli import main
+    out = quantize_checkpoint(tiny_dense[0], tmp_path / "q", 4, 32, "rtn")
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "quantization   format=qlite" in text and "bits=4" in text and "group_size=32" in text
+    saved = re.search(r"bytes saved\s+([\d.]+) MB: ([\d.]+) MB on disk for a ([\d.]+) MB", text)
+    assert saved and float(saved[2]) < float(saved[3])
 
 
 def test_sharded_output_and_sharded_source(moe_dir, tmp_path, monkeypatch):

@@ -103,7 +103,7 @@ def cmd_repl(args):
     """A plain-text chat loop (the Textual TUI is `qlite chat`)."""
     model = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("qlite chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    print("qlite repl: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             line = input("> ")

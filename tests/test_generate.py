@@ -176,3 +176,23 @@ def test_chunked_prefill_generates_the_same_tokens(tiny_moe, monkeypatch):
     chunked = greedy()
     assert chunked.prompt_tokens > 10 and len(whole.token_ids) == 8
     assert chunked.token_ids == whole.token_ids
+
+
+def test_repl_keeps_the_conversation_across_turns(tiny_dense, monkeypatch, capsys):
+    import io
+    import qlite.generate
+    from qlite.cli import main
+    prompts = []
+    real = qlite.generate.Generation.__init__
+
+    def spy(self, model, prompt_ids, *args, **kwargs):
+        prompts.append(model.tokenizer.decode(prompt_ids))
+        real(self, model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(qlite.generate.Generation, "__init__", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n\n"))
+    main(["repl", "--model", str(tiny_dense[0]), "--temperature", "0", "--max-new-tokens", "4",
+          "--system", "be brief"])
+    assert len(prompts) == 2
+    assert "be brief" in prompts[1] and "first question" in prompts[1]
+    assert prompts[1].count("<|im_start|>assistant") == 2  # the first reply is in the history

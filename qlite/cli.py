@@ -9,27 +9,36 @@ from qlite.errors import QliteError
 from qlite.generate import SamplingParams
 
 
-def progress_printer(stream=sys.stderr):
-    """A progress callback drawing one updating line per stage on stderr."""
-    state = {"stage": None, "t": 0.0}
+def progress_printer(stream=None):
+    """A progress callback drawing one updating line per stage on `stream` (default: the
+    sys.stderr of the moment it is called): percent, bytes (or counts), tensors when the job
+    gives them (`qlite quantize` does), and an ETA."""
+    state = {"stage": None, "t0": 0.0, "t": 0.0}
 
-    def show(stage: str, done: int, total: int):
+    def show(stage: str, done: int, total: int, tensors=None):
+        out = stream or sys.stderr
         now = time.monotonic()
         if stage != state["stage"]:
             if state["stage"] is not None:
-                stream.write("\n")
-            state["stage"] = stage
+                out.write("\n")
+            state.update(stage=stage, t0=now, t=0.0)
         elif done < total and now - state["t"] < 0.1:
             return
         state["t"] = now
-        pct = 100.0 * done / total if total else 100.0
-        size = (f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MiB" if total > 2**20
-                else f"{done}/{total}")
-        stream.write(f"\r{stage}: {pct:5.1f}% ({size})")
+        line = f"\r{stage}: {100.0 * done / total if total else 100.0:5.1f}%"
+        if tensors:
+            line += f"  {tensors[0]}/{tensors[1]} tensors"
+        line += (f"  {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB" if total > 2**20
+                 else f"  {done}/{total}")
+        elapsed = now - state["t0"]
+        if 0 < done < total and elapsed > 1:
+            eta = elapsed * (total - done) / done
+            line += f"  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        out.write(line + "   ")
         if done >= total:
-            stream.write("\n")
+            out.write("\n")
             state["stage"] = None
-        stream.flush()
+        out.flush()
 
     return show
 

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -346,39 +345,6 @@ def _progress_caller(progress):
     if takes:
         return progress
     return lambda stage, done, total, tensors=None: progress(stage, done, total)
-
-
-def progress_printer(stream=None):
-    """A progress callback for the CLI: one updating line with tensors done, bytes and ETA."""
-    import sys
-    stream = stream or sys.stderr
-    state = {"stage": None, "t0": 0.0, "t": 0.0}
-
-    def show(stage: str, done: int, total: int, tensors=None):
-        now = time.monotonic()
-        if stage != state["stage"]:
-            if state["stage"] is not None:
-                stream.write("\n")
-            state.update(stage=stage, t0=now, t=0.0)
-        elif done < total and now - state["t"] < 0.2:
-            return
-        state["t"] = now
-        pct = 100.0 * done / total if total else 100.0
-        line = f"\r{stage}: {pct:5.1f}%"
-        if tensors:
-            line += f"  {tensors[0]}/{tensors[1]} tensors"
-        line += f"  {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB"
-        elapsed = now - state["t0"]
-        if 0 < done < total and elapsed > 1:
-            eta = elapsed * (total - done) / done
-            line += f"  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-        stream.write(line + "   ")
-        if done >= total:
-            stream.write("\n")
-            state["stage"] = None
-        stream.flush()
-
-    return show
 
 
 def _resolve_keep(keep_16bit) -> list[str]:

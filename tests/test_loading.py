@@ -136,3 +136,13 @@ def test_inspect_reports_architecture_and_bytes(tiny_moe, capsys):
     main(["inspect", str(tiny_moe[0])])
     out = capsys.readouterr().out
     assert "Qwen2MoeForCausalLM" in out and "8 routed (top 2)" in out and "MB on disk" in out
+
+
+def test_progress_line_shows_tensors_bytes_and_the_end(capsys):
+    from qlite.cli import progress_printer
+    show = progress_printer()
+    show("quantizing", 0, 8 << 20, tensors=(0, 4))
+    show("quantizing", 8 << 20, 8 << 20, tensors=(4, 4))
+    err = capsys.readouterr().err
+    assert "4/4 tensors" in err and "8/8 MiB" in err and "100.0%" in err
+    assert err.endswith("\n")

@@ -73,17 +73,9 @@ class BnbExperts(nn.Module):
                                   for e in range(self.num_experts))
 
     def forward(self, x, topk_ids, topk_weights):
-        from qlite.model import group_by_expert
-        k = topk_ids.shape[1]
-        order, counts = group_by_expert(topk_ids, self.num_experts)
+        from qlite.model import expert_batches
         out = torch.zeros_like(x)
-        begin = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            pairs = order[begin:begin + n]
-            begin += n
-            tokens = pairs // k
+        for e, tokens, pairs in expert_batches(topk_ids, self.num_experts):
             gate, up = self.gate_up[e](x[tokens]).chunk(2, dim=-1)
             y = self.down[e](F.silu(gate) * up)
             out.index_add_(0, tokens, (y * topk_weights.flatten()[pairs, None]).to(out.dtype))

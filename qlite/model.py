@@ -109,6 +109,19 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
     return order, counts
 
 
+def expert_batches(topk_ids: torch.Tensor, num_experts: int) -> list:
+    """[(expert, tokens, pairs)] for each expert that received tokens, in expert-id order:
+    `pairs` index the flattened routing (for its weights), `tokens` the rows of x."""
+    order, counts = group_by_expert(topk_ids, num_experts)
+    k, begin, batches = topk_ids.shape[1], 0, []
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            pairs = order[begin:begin + n]
+            batches.append((e, pairs // k, pairs))
+            begin += n
+    return batches
+
+
 class Experts(nn.Module):
     """The routed experts of one MoE layer, stacked: the narrow interface that quantized and
     offloaded experts implement too. forward(x [N, D], topk_ids [N, k], topk_weights [N, k])
@@ -121,16 +134,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
 
     def forward(self, x, topk_ids, topk_weights):
-        k = topk_ids.shape[1]
-        order, counts = group_by_expert(topk_ids, self.num_experts)
         out = torch.zeros_like(x)
-        begin = 0
-        for e, n in enumerate(counts.tolist()):  # only experts that received tokens do work
-            if n == 0:
-                continue
-            pairs = order[begin:begin + n]
-            begin += n
-            tokens = pairs // k
+        for e, tokens, pairs in expert_batches(topk_ids, self.num_experts):
             gate, up = F.linear(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e])
             out.index_add_(0, tokens, y * topk_weights.flatten()[pairs, None])

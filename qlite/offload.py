@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from qlite.errors import QliteError
-from qlite.model import MoE, group_by_expert
+from qlite.model import MoE, expert_batches
 from qlite.plan import ALIGN, Plan, make_plan
 
 
@@ -391,33 +391,26 @@ class OffloadedExperts(nn.Module):
         self.hidden = None  # this layer's pre-norm hidden state, set by a hook, for prefetch
 
     def forward(self, x, topk_ids, topk_weights):
-        order, counts = group_by_expert(topk_ids, self.num_experts)
-        counts = counts.tolist()
-        needed = [e for e, n in enumerate(counts) if n]
+        batches = expert_batches(topk_ids, self.num_experts)
+        needed = [e for e, _, _ in batches]
         self.cache.begin(needed)
         self._prefetch_next()  # after this layer's own misses: the copy stream is in order
         if self.grouped and len(needed) <= self.cache.slots:
             out = self._grouped(x, topk_ids, topk_weights, needed)
         else:
-            out = self._per_expert(x, topk_ids, topk_weights, order, counts)
+            out = self._per_expert(x, topk_weights, batches)
         self.cache.end()
         return out
 
-    def _per_expert(self, x, topk_ids, topk_weights, order, counts):
-        k, cache = topk_ids.shape[1], self.cache
+    def _per_expert(self, x, topk_weights, batches):
+        cache = self.cache
         xin = x.float() if self.fp32_sum else x
         out = torch.zeros_like(xin)
         weights = topk_weights.flatten()
-        zeros = torch.zeros(x.shape[0], 1, dtype=topk_ids.dtype, device=x.device)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[begin:begin + n]
-            begin += n
-            tokens = pairs // k
+        zeros = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        for e, tokens, pairs in batches:
             s = cache.acquire(e)
-            y = self.slot_modules[s](xin[tokens], zeros[:n], weights[pairs, None])
+            y = self.slot_modules[s](xin[tokens], zeros[:len(pairs)], weights[pairs, None])
             cache.release(e)
             out.index_add_(0, tokens, y)
         return out.to(x.dtype)

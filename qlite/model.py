@@ -79,11 +79,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start is not None:
             k, v = self.cache.update(start, k, v)
+        dtype = q.dtype
+        if x.device.type == "cpu" and dtype != torch.float32:
+            # torch's bf16/fp16 attention on a CPU without bf16 matmul units (AVX2) runs ~5x
+            # slower than float32 (bench/results/cpu.md): attend in float32 there.
+            q, k, v = q.float(), k.float(), v.float()
         # mask None means plain causal attention with as many keys as queries (or one query).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and t > 1,
                                            enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):

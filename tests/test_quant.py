@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlite.errors import QliteError
-from qlite.kernels import reference
+from qlite.kernels import cpu_gemv, reference
 from qlite.quant import QuantExperts, QuantLinear, dequantize, quantize, quantize_model_linears
 from qlite.quant.formats import pack_int4, unpack_int4
 
@@ -124,8 +124,13 @@ def test_bad_options_raise_qlite_errors():
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt)
 @pytest.mark.parametrize("n", [64, 77])  # 77: torch's CPU int4 op needs N % 16 == 0 -> fallback
 @pytest.mark.parametrize("dt", ["float32", "bfloat16", "float16"])
-def test_quant_linear_cpu_paths_match_reference(fmt, n, dt, gen):
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-ops"])
+def test_quant_linear_cpu_paths_match_reference(fmt, n, dt, c_kernel, gen, monkeypatch):
     bits, g, sym = fmt
+    if c_kernel and not cpu_gemv.available():
+        pytest.skip(f"C kernel unavailable: {cpu_gemv.why_unavailable()}")
+    if not c_kernel:  # as on a machine without a C compiler
+        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
     dtype = getattr(torch, dt)
     lin = nn.Linear(256, n)
     with torch.no_grad():

@@ -2,7 +2,11 @@
 
 - qlite float32 and bfloat16 vs transformers at the same dtype (ratio printed);
 - qlite int8 and int4 (g128; the quantizer does not change speed, RTN is used to save time),
-  with float32 and bfloat16 activations;
+  with float32 and bfloat16 activations, through the C CPU kernel (kernels/cpu_gemv.c) and,
+  as "-torchops", through torch's packed ops instead;
+- the kernels alone (`--only kernels`): one linear layer of each demo shape at M = 1, C kernel vs
+  torch's ops vs a bf16 matmul, in µs and GB/s of weights read against the read bandwidth
+  measured in the same run;
 - llama.cpp (llama-cpp-python, a bench-only dependency) on the demo GGUF (Q4_K_M), same threads.
 
 Prefill: one forward over the prompt (--prompt tokens of a stdlib file) into an empty cache.
@@ -28,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qlite  # noqa: E402
 
 RUNNERS = ["qlite-fp32", "hf-fp32", "qlite-bf16", "hf-bf16", "qlite-int8-fp32", "qlite-int8-bf16",
-           "qlite-int4-fp32", "qlite-int4-bf16", "llama.cpp"]
+           "qlite-int4-fp32", "qlite-int4-bf16", "qlite-int4-bf16-torchops", "llama.cpp"]
+# "-torchops": the same model with the C kernel switched off (torch's packed int4/int8 ops),
+# as on a machine without a C compiler.
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -57,6 +63,77 @@ def run_qlite(model, ids, decode):
 
 
 @torch.no_grad()
+def without_c_kernel(fn, *args):
+    from qlite.kernels import cpu_gemv
+    saved = cpu_gemv.available
+    cpu_gemv.available = lambda: False
+    try:
+        return fn(*args)
+    finally:
+        cpu_gemv.available = saved
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """GB/s of one pass summing a tensor far larger than the caches (all threads)."""
+    a = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
+    a.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        a.sum()
+    return 3 * a.numel() * 8 / (time.perf_counter() - t) / 1e9
+
+
+# (name, K, N) of the demo model's linears; lm_head is the only one larger than the caches.
+KERNEL_SHAPES = [("q/o_proj", 896, 896), ("k/v_proj", 896, 128), ("gate/up_proj", 896, 4864),
+                 ("down_proj", 4864, 896), ("lm_head", 896, 151936)]
+
+
+@torch.no_grad()
+def kernel_table() -> list[str]:
+    from qlite.kernels import cpu_gemv
+    from qlite.quant import QuantLinear
+    bw = read_bandwidth()
+    lines = [f"Kernels alone, M = 1, bfloat16 activations; read bandwidth measured here: "
+             f"{bw:.1f} GB/s. µs (GB/s of weights read). Layers smaller than the caches can "
+             f"beat the memory bandwidth; lm_head cannot.", "",
+             "| layer (K -> N) | C int4 g128 | torch int4 | C int8 | torch int8 | bf16 matmul |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, k, n in KERNEL_SHAPES:
+        lin = torch.nn.Linear(k, n, bias=False)
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        cells = []
+        for bits in (4, 8):
+            q = QuantLinear.from_linear(lin, bits, 128, "rtn")
+            nbytes = q.qweight.numel() + q.scales.numel() * 2 + (0 if q.zeros is None else q.zeros.numel() * 2)
+            for c_kernel in (True, False):
+                f = (lambda: q(x)) if c_kernel else (lambda: without_c_kernel(q, x))
+                sec = _time(f)
+                cells.append(f"{sec * 1e6:.0f} ({nbytes / sec / 1e9:.1f})")
+        w = lin.weight.to(torch.bfloat16)
+        sec = _time(lambda: torch.nn.functional.linear(x, w))
+        cells.append(f"{sec * 1e6:.0f} ({w.numel() * 2 / sec / 1e9:.1f})")
+        lines.append(f"| {name} ({k} -> {n}) | " + " | ".join(cells) + " |")
+    if not cpu_gemv.available():
+        lines.append(f"\nThe C kernel was unavailable ({cpu_gemv.why_unavailable()}): both "
+                     f"columns are torch's ops.")
+    return lines
+
+
+def _time(f, seconds: float = 0.3) -> float:
+    """Best-of-5 mean seconds per call, each of the 5 runs about `seconds` long."""
+    f()
+    t = time.perf_counter()
+    f()
+    n = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
 def run_hf(model, ids, decode):
     from transformers import DynamicCache
     x = torch.tensor([ids])
@@ -95,12 +172,14 @@ def run_llama(llm, ids, decode):
 def make(name, model_dir, gguf, threads, ctx):
     """(callable(ids, decode) -> (prefill tok/s, decode tok/s, tokens), model)"""
     if name.startswith("qlite"):
-        dtype = "bfloat16" if name.endswith("bf16") else "float32"
+        dtype = "bfloat16" if "bf16" in name else "float32"
         model = qlite.load(model_dir, dtype=dtype)
         if "-int" in name:
             from qlite.quantize import quantize_model
             bits = 8 if "int8" in name else 4
             quantize_model(model, bits=bits, group_size=128, method="rtn")
+        if name.endswith("-torchops"):
+            return (lambda ids, d: without_c_kernel(run_qlite, model, ids, d)), model
         return (lambda ids, d: run_qlite(model, ids, d)), model
     if name.startswith("hf"):
         from transformers import AutoModelForCausalLM
@@ -125,7 +204,8 @@ def main(argv=None):
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--only", default=",".join(RUNNERS))
+    p.add_argument("--only", default=",".join(RUNNERS),
+                   help="comma-separated runners, and/or kernels (all of them by default)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,7 +217,12 @@ def main(argv=None):
     ids = prompt_ids(Tokenizer.from_dir(model_dir), args.prompt)
 
     results = {}
-    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if "kernels" in names or args.only == ",".join(RUNNERS):
+        names = [n for n in names if n != "kernels"]
+        results["kernels"] = kernel_table()
+        print("\n".join(results["kernels"]), flush=True)
+    for name in names:
         try:
             run, model = make(name, model_dir, gguf, args.threads, args.prompt + args.decode + 8)
             best = None
@@ -172,6 +257,8 @@ def write_table(args, results) -> str:
              "|---|---:|---:|---|"]
     ref = results.get("qlite-fp32")
     for name, r in results.items():
+        if name == "kernels":
+            continue
         if not isinstance(r, tuple):
             lines.append(f"| {name} | – | – | not run: {r} |")
             continue
@@ -182,9 +269,11 @@ def write_table(args, results) -> str:
     for a, b in (("qlite-fp32", "hf-fp32"), ("qlite-bf16", "hf-bf16"),
                  ("qlite-int8-fp32", "llama.cpp"), ("qlite-int4-fp32", "llama.cpp"),
                  ("qlite-int8-bf16", "llama.cpp"), ("qlite-int4-bf16", "llama.cpp"),
-                 ("qlite-int4-fp32", "qlite-fp32")):
+                 ("qlite-int4-bf16", "qlite-int4-bf16-torchops"), ("qlite-int4-fp32", "qlite-fp32")):
         if a in results and b in results:
             lines.append(f"- {a} / {b}: prefill {ratio(a, b, 0)}, decode {ratio(a, b, 1)}")
+    if "kernels" in results:
+        lines += [""] + results["kernels"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     return "\n".join(lines)

@@ -1,16 +1,20 @@
-/* int4 x float GEMV for x86 CPUs with AVX2 and FMA: the CPU decode path (kernels/cpu_gemv.py).
+/* int4 / int8 weight x float activation matmul for x86 CPUs with AVX2: the CPU path of
+QuantLinear (loaded by kernels/cpu_gemv.py). Made for decode (a few rows of x), correct for any M.
 
-y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m, with w = (code - zero) * scale per group of G
-along k, in the layout of quant/formats.py: qweight uint8 [N, K/2] (byte j holds k = 2j in its
-low nibble, k = 2j + 1 in its high one), scales and zeros float16 [K/G, N] (zeros NULL:
-symmetric, zero = 8). All math is float32, so the result is the float32 reference's up to
-summation order.
+y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), weights in the layouts of quant/formats.py:
+  int4: qweight uint8 [N, K/2], byte j holds k = 2j in its low nibble and k = 2j + 1 in its high
+        one; w = (code - zero) * scale per group of G along k, scales and zeros float16 [K/G, N]
+        (zeros NULL: symmetric, zero = 8).
+  int8: qweight int8 [N, K], w = code * scale[n], scales float16 [N].
 
-Per group:  sum_k x_k (c_k - z) s  =  s * sum_k x_k c_k  -  s z * sum_k x_k,
-so the inner loop is codes times x only: 16 bytes (32 codes) become four vectors of 8 floats,
-multiplied into x taken in the same order (x is reordered once per call: for each 32 k, the
-16 even k then the 16 odd k). Output rows are split across threads with OpenMP; built against
-the libgomp that torch has already loaded, the threads are torch's own.
+Integer inner loop, as llama.cpp does, but with 16-bit activations: each group of x (G for int4,
+128 or 32 k for int8) is taken as int16 times a float scale (error at most 2^-16 of the group's
+largest |x|: finer than bfloat16). Codes widen to int16 and _mm256_madd_epi16 multiplies and
+pair-sums them into int32, one float multiply-add per group per row. For int4, per group
+    sum_k x_k (c_k - z) s  =  s * sum_k x_k c_k  -  s z * sum_k x_k,
+so the loop sees codes only; x is reordered once per call to match the nibbles (for each 32 k,
+the 16 even k then the 16 odd k). Output rows are split across threads with OpenMP; built
+against the libgomp that torch has already loaded, the threads are torch's own.
 */
 #include <immintrin.h>
 #include <math.h>
@@ -19,7 +23,7 @@ the libgomp that torch has already loaded, the threads are torch's own.
 #include <string.h>
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
-#define MR 4 /* rows of x handled per pass over a weight row (accumulators stay in registers) */
+#define MR 4 /* rows of x per pass over a weight row: their accumulators stay in registers */
 
 static inline float to_float(const void *p, int64_t i, int dtype) {
     if (dtype == F32) return ((const float *)p)[i];
@@ -48,10 +52,33 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* out[i] = row n of W times rows 0..R-1 of the int16 x, for a constant R: once inlined with R
-   known, the accumulators live in registers (with a runtime R they spill to memory). */
+/* x [M, K] -> xq int16 [M, K] (for int4 reordered per 32 k: evens, then odds), xscale and xsum
+   float [M, K/XG] per group of XG k. */
+static void prepare_x(const void *x, int dtype, int64_t M, int64_t K, int64_t XG, int reorder,
+                      int16_t *xq, float *xscale, float *xsum) {
+    const int64_t ngroups = K / XG;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ngroups; g++) {
+            float amax = 0.0f;
+            for (int64_t k = g * XG; k < (g + 1) * XG; k++)
+                amax = fmaxf(amax, fabsf(to_float(x, m * K + k, dtype)));
+            const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
+            int32_t sum = 0; /* of the int16 values, so that the zero-point term sees the same x */
+            for (int64_t k = g * XG; k < (g + 1) * XG; k++) {
+                const int64_t j = k & 31, at = reorder ? (k & ~(int64_t)31) + (j & 1) * 16 + (j >> 1) : k;
+                const int16_t q = (int16_t)lrintf(to_float(x, m * K + k, dtype) / scale);
+                xq[m * K + at] = q;
+                sum += q;
+            }
+            xscale[m * ngroups + g] = scale;
+            xsum[m * ngroups + g] = (float)sum * scale;
+        }
+}
+
+/* out[i] = row n of the int4 W times rows 0..R-1 of xq. R is a constant once inlined, so the
+   accumulators live in registers (with a runtime R they spill to memory). */
 static inline __attribute__((always_inline)) void
-dot_rows(const int R, const uint8_t *row, const int16_t *xq, const float *xscale, const float *xsum,
+dot_int4(const int R, const uint8_t *row, const int16_t *xq, const float *xscale, const float *xsum,
          const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t N, int64_t K, int64_t G,
          float *out) {
     const int64_t ngroups = K / G, blocks = G / 32;
@@ -60,11 +87,10 @@ dot_rows(const int R, const uint8_t *row, const int16_t *xq, const float *xscale
     float zterm[R];
     for (int i = 0; i < R; i++) total[i] = _mm256_setzero_ps(), zterm[i] = 0.0f;
     for (int64_t g = 0; g < ngroups; g++) {
-        __m256i acc[R]; /* int32 sums of code * x_int16 over the group: at most 2^27 */
+        __m256i acc[R]; /* int32: at most G * 15 * 32767 / 8 per lane, below 2^31 */
         for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_si256();
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t k0 = (g * blocks + b) * 32;
-            /* 16 bytes -> 16 int16 lanes; low nibbles are the even k, high nibbles the odd k */
             const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k0 / 2)));
             const __m256i even = _mm256_and_si256(v, low), odd = _mm256_srli_epi16(v, 4);
             for (int i = 0; i < R; i++) {
@@ -76,56 +102,79 @@ dot_rows(const int R, const uint8_t *row, const int16_t *xq, const float *xscale
         const float s = _cvtsh_ss(scales[g * N + n]);
         const float z = zeros ? _cvtsh_ss(zeros[g * N + n]) : 8.0f;
         for (int i = 0; i < R; i++) {
-            const __m256 vs = _mm256_set1_ps(s * xscale[i * ngroups + g]);
-            total[i] = _mm256_fmadd_ps(vs, _mm256_cvtepi32_ps(acc[i]), total[i]);
+            total[i] = _mm256_fmadd_ps(_mm256_set1_ps(s * xscale[i * ngroups + g]),
+                                       _mm256_cvtepi32_ps(acc[i]), total[i]);
             zterm[i] += s * z * xsum[i * ngroups + g];
         }
     }
     for (int i = 0; i < R; i++) out[i] = hsum(total[i]) - zterm[i];
 }
 
-/* Returns 0, or -1 if scratch memory could not be had. */
-int int4_gemv(const void *x, int x_dtype, const uint8_t *qweight, const uint16_t *scales,
-              const uint16_t *zeros, const void *bias, int bias_dtype, void *y, int y_dtype,
-              int64_t M, int64_t N, int64_t K, int64_t G) {
-    const int64_t ngroups = K / G;
-    /* x per group as int16 times a float scale (error at most 2^-16 of the group's largest
-       |x|, finer than bfloat16), reordered as the codes come out; and its float sums */
+/* The same for an int8 row, x in groups of XG (a multiple of 32); the row's scale is applied
+   by the caller. */
+static inline __attribute__((always_inline)) void
+dot_int8(const int R, const int8_t *row, const int16_t *xq, const float *xscale, int64_t K,
+         int64_t XG, float *out) {
+    const int64_t ngroups = K / XG, blocks = XG / 32;
+    __m256 total[R];
+    for (int i = 0; i < R; i++) total[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ngroups; g++) {
+        __m256i acc[R]; /* int32: at most XG * 127 * 32767 / 8 per lane, below 2^31 */
+        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_si256();
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t k0 = (g * blocks + b) * 32;
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k0)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k0 + 16)));
+            for (int i = 0; i < R; i++) {
+                const int16_t *xp = xq + i * K + k0;
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(w0, _mm256_load_si256((const __m256i *)xp)));
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(w1, _mm256_load_si256((const __m256i *)(xp + 16))));
+            }
+        }
+        for (int i = 0; i < R; i++)
+            total[i] = _mm256_fmadd_ps(_mm256_set1_ps(xscale[i * ngroups + g]),
+                                       _mm256_cvtepi32_ps(acc[i]), total[i]);
+    }
+    for (int i = 0; i < R; i++) out[i] = hsum(total[i]);
+}
+
+#define ROWS_SWITCH(r, CALL)                              \
+    switch (r) {                                          \
+    case 1: CALL(1); break;                               \
+    case 2: CALL(2); break;                               \
+    case 3: CALL(3); break;                               \
+    default: CALL(4); break;                              \
+    }
+
+/* bits 4: group_size G (a multiple of 32), K % G == 0. bits 8: K % 32 == 0, group_size unused.
+   Returns 0, or -1 if scratch memory could not be had. */
+int quant_matmul(const void *x, int x_dtype, int bits, const void *qweight,
+                 const uint16_t *scales, const uint16_t *zeros, const void *bias, int bias_dtype,
+                 void *y, int y_dtype, int64_t M, int64_t N, int64_t K, int64_t G) {
+    const int64_t XG = bits == 4 ? G : (K % 128 == 0 ? 128 : 32), ngroups = K / XG;
     const size_t bytes = ((size_t)(M * K * 2 + M * ngroups * 8) + 31) & ~(size_t)31;
-    int16_t *xq = aligned_alloc(32, bytes); /* size: a multiple of the alignment */
+    int16_t *xq = aligned_alloc(32, bytes); /* the size must be a multiple of the alignment */
     if (!xq) return -1;
     float *xscale = (float *)(xq + M * K), *xsum = xscale + M * ngroups;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < ngroups; g++) {
-            float s = 0.0f, amax = 0.0f;
-            for (int64_t k = g * G; k < (g + 1) * G; k++) {
-                float v = to_float(x, m * K + k, x_dtype);
-                s += v;
-                amax = fabsf(v) > amax ? fabsf(v) : amax;
-            }
-            const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
-            for (int64_t k = g * G; k < (g + 1) * G; k++) {
-                int64_t base = k & ~(int64_t)31, j = k & 31;
-                xq[m * K + base + (j & 1) * 16 + (j >> 1)] =
-                    (int16_t)lrintf(to_float(x, m * K + k, x_dtype) / scale);
-            }
-            xscale[m * ngroups + g] = scale;
-            xsum[m * ngroups + g] = s;
-        }
+    prepare_x(x, x_dtype, M, K, XG, bits == 4, xq, xscale, xsum);
 
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = qweight + n * (K / 2);
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int16_t *xm = xq + m0 * K;
             const float *cm = xscale + m0 * ngroups, *sm = xsum + m0 * ngroups;
-            float out[MR];
             const int64_t r = M - m0 < MR ? M - m0 : MR;
-            switch (r) {
-            case 1: dot_rows(1, row, xm, cm, sm, scales, zeros, n, N, K, G, out); break;
-            case 2: dot_rows(2, row, xm, cm, sm, scales, zeros, n, N, K, G, out); break;
-            case 3: dot_rows(3, row, xm, cm, sm, scales, zeros, n, N, K, G, out); break;
-            default: dot_rows(4, row, xm, cm, sm, scales, zeros, n, N, K, G, out); break;
+            float out[MR];
+            if (bits == 4) {
+                const uint8_t *row = (const uint8_t *)qweight + n * (K / 2);
+#define CALL4(R) dot_int4(R, row, xm, cm, sm, scales, zeros, n, N, K, G, out)
+                ROWS_SWITCH(r, CALL4)
+            } else {
+                const int8_t *row = (const int8_t *)qweight + n * K;
+#define CALL8(R) dot_int8(R, row, xm, cm, K, XG, out)
+                ROWS_SWITCH(r, CALL8)
+                const float s = _cvtsh_ss(scales[n]);
+                for (int64_t i = 0; i < r; i++) out[i] *= s;
             }
             for (int64_t i = 0; i < r; i++) {
                 float v = out[i];

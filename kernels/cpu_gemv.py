@@ -1,7 +1,8 @@
-"""int4 matmul on the CPU: a small C kernel (cpu_gemv.c, AVX2 + FMA), made for decode's M = 1.
+"""int4/int8 matmul on the CPU: a small C kernel (cpu_gemv.c, AVX2), made for decode's M = 1.
 
 torch's `_weight_int4pack_mm_for_cpu` is compute-bound on AVX2 (about a third of the memory
-bandwidth at M = 1: bench/results/cpu.md), and int4 decode on a CPU is nothing but GEMVs. The
+bandwidth at M = 1) and `_weight_int8pack_mm` reaches about half of it in a whole model, while
+decode on a CPU is nothing but GEMVs (bench/results/cpu.md). The
 kernel is compiled with the system C compiler on first use into the cache
 ($XDG_CACHE_HOME/qlite/kernels, keyed by a hash of the source and flags) and called through
 ctypes. Where it cannot be had (no compiler, no AVX2, QLITE_CPU_KERNEL=0), `available()` is False
@@ -36,27 +37,34 @@ def why_unavailable() -> str | None:
     return _why
 
 
-def int4_gemv(x: torch.Tensor, qweight, scales, zeros, group_size: int, bias=None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def supports(bits: int, in_features: int) -> bool:
+    """Whether the kernel takes this layer: int4 always, int8 when K is a multiple of 32."""
+    return bits == 4 or in_features % 32 == 0
+
+
+def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, bias=None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (float32/bfloat16/float16, contiguous) @ dequantized W.T (+ bias) -> [M, N] in
-    x's dtype; formats as quant/formats.py. Activations are taken per group as int16 times a
-    float scale, finer than bfloat16: relative error about 5e-5 against the float32 reference."""
+    x's dtype, the arguments as reference.quant_matmul's. Activations are taken per group as
+    int16 times a float scale (finer than bfloat16): error about 5e-5 of the float32 result."""
     lib = _lib or _load()
     if lib is None:
-        raise RuntimeError(f"the C int4 kernel is unavailable: {_why}")
+        raise RuntimeError(f"the C CPU kernel is unavailable: {_why}")
     m, k = x.shape
     n = qweight.shape[0]
+    if not supports(bits, k):
+        raise ValueError(f"cpu_gemv: int{bits} with K={k} (int8 needs K % 32 == 0)")
     y = torch.empty(m, n, dtype=x.dtype) if out is None else out
     if not (x.is_contiguous() and y.is_contiguous() and y.shape == (m, n) and y.dtype == x.dtype):
-        raise ValueError(f"int4_gemv: x {tuple(x.shape)} and out {tuple(y.shape)} {y.dtype} must "
+        raise ValueError(f"cpu_gemv: x {tuple(x.shape)} and out {tuple(y.shape)} {y.dtype} must "
                          f"be contiguous, out [M, N] in x's dtype")
-    rc = lib.int4_gemv(x.data_ptr(), _DTYPES[x.dtype], qweight.data_ptr(), scales.data_ptr(),
-                        None if zeros is None else zeros.data_ptr(),
-                        None if bias is None else bias.data_ptr(),
-                        0 if bias is None else _DTYPES[bias.dtype],
-                        y.data_ptr(), _DTYPES[x.dtype], m, n, k, group_size)
+    rc = lib.quant_matmul(x.data_ptr(), _DTYPES[x.dtype], bits, qweight.data_ptr(),
+                          scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+                          None if bias is None else bias.data_ptr(),
+                          0 if bias is None else _DTYPES[bias.dtype],
+                          y.data_ptr(), _DTYPES[x.dtype], m, n, k, group_size or 0)
     if rc:
-        raise MemoryError(f"int4_gemv: no memory for a [{m}, {k}] activation copy")
+        raise MemoryError(f"cpu_gemv: no memory for a [{m}, {k}] activation copy")
     return y
 
 
@@ -66,11 +74,11 @@ def _load():
         return _lib
     try:
         _lib = _build()
-        f = _lib.int4_gemv
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                      ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                      ctypes.c_int64]
+        f = _lib.quant_matmul
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int64]
         f.restype = ctypes.c_int
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _lib, _why = None, str(e)

@@ -59,13 +59,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
-def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int) -> torch.Tensor:
+def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int,
+              matmul=quant_matmul) -> torch.Tensor:
     """Routed experts on quantized stacked weights; the reference of kernels.fused_moe.fused_moe.
 
     x [T, D]; topk_ids, topk_weights [T, k]; w13 = (qweight, scales, zeros) of gate_up_proj
     [E, 2I, D]; w2 likewise of down_proj [E, D, I]. Returns [T, D] in x's dtype:
     out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j].
-    Tokens are grouped by expert and only experts that received tokens are visited.
+    Tokens are grouped by expert and only experts that received tokens are visited. `matmul`
+    (quant_matmul's signature) does each expert's products in float32: the CPU path passes
+    cpu_gemv's kernel.
     """
     flat = topk_ids.flatten()
     order = torch.argsort(flat, stable=True)
@@ -79,9 +82,8 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int) ->
         slots = order[start:start + n]
         start += n
         tok = slots // k
-        gate_up = dequantize(*(t[e] if t is not None else None for t in w13), bits, group_size)
-        h = x[tok].float() @ gate_up.T
+        h = matmul(x[tok].float(), *(t if t is None else t[e] for t in w13), bits, group_size)
         gate, up = h.chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ dequantize(*(t[e] if t is not None else None for t in w2), bits, group_size).T
+        y = matmul(F.silu(gate) * up, *(t if t is None else t[e] for t in w2), bits, group_size)
         out.index_add_(0, tok, y * topk_weights.flatten()[slots, None].float())
     return out.to(x.dtype)

@@ -10,7 +10,7 @@ is contiguous with the expert first, so one expert's bytes of each tensor are on
 import torch
 from torch import nn
 
-from qlite.kernels import reference
+from qlite.kernels import cpu_gemv, reference
 from qlite.kernels.fused_moe import fused_moe
 
 from .formats import check_format, quantize
@@ -44,6 +44,7 @@ class QuantExperts(nn.Module):
         """Empty buffers of the right shapes (device="meta" for a loader that assigns them)."""
         super().__init__()
         self.num_experts, self.hidden = num_experts, intermediate_size  # as the dense Experts
+        self.dim = hidden_size
         self.bits, self.group_size = bits, group_size
         self.symmetric = symmetric or bits == 8
         e, d, i = num_experts, hidden_size, intermediate_size
@@ -71,5 +72,9 @@ class QuantExperts(nn.Module):
         w13, w2 = self.gate_up_proj.packed(), self.down_proj.packed()
         if x.is_cuda:
             return fused_moe(x.contiguous(), topk_ids, topk_weights, w13, w2, self.bits, self.group_size)
-        # CPU: tokens grouped by expert, only experts with tokens visited, float32 math.
-        return reference.fused_moe(x, topk_ids, topk_weights, w13, w2, self.bits, self.group_size)
+        # CPU: tokens grouped by expert, only experts with tokens visited, float32 math; each
+        # expert's matmuls by the C kernel where it takes them, else dequantized.
+        fast = cpu_gemv.supports(self.bits, self.dim) and \
+            cpu_gemv.supports(self.bits, self.hidden) and cpu_gemv.available()
+        return reference.fused_moe(x, topk_ids, topk_weights, w13, w2, self.bits, self.group_size,
+                                   cpu_gemv.quant_matmul if fast else reference.quant_matmul)

@@ -8,9 +8,9 @@ State-dict names (the on-disk names of quantized checkpoints, one module = one p
 All are buffers, not parameters: nothing here trains.
 
 forward dispatches on the device: CUDA -> Triton (decode kernel for M <= 16 rows, tiled GEMM
-above); CPU -> int4: the C kernel of kernels/cpu_gemv.c (2-3x torch's int4 op on AVX2, any M),
-int8 or without a C compiler: torch's packed int4/int8 matmuls where they are fast and exact
-enough (bfloat16 activations, or few rows), else the float32 reference.
+above); CPU -> the C kernel of kernels/cpu_gemv.c (AVX2; about 2x torch's packed int4/int8
+ops in decode), or without it (no compiler, int8 with K % 32 != 0) torch's packed ops where they
+are fast and exact enough (bfloat16 activations, or few rows), else the float32 reference.
 """
 import torch
 from torch import nn
@@ -80,8 +80,9 @@ class QuantLinear(nn.Module):
         if x.is_cuda:
             args = (self.qweight, self.scales, self.zeros, self.bits, self.group_size)
             out = (qgemv if x2.shape[0] <= DECODE_MAX_M else qgemm)(x2, *args)
-        elif self.bits == 4 and cpu_gemv.available():  # the bias is added inside
-            out = cpu_gemv.int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        elif cpu_gemv.supports(self.bits, self.in_features) and cpu_gemv.available():
+            out = cpu_gemv.quant_matmul(x2, self.qweight, self.scales, self.zeros, self.bits,
+                                        self.group_size, self.bias)  # the bias added inside
             return out.view(*x.shape[:-1], self.out_features)
         else:
             out = self._cpu_matmul(x2)

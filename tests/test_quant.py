@@ -245,8 +245,13 @@ def token_by_token(dense, x, topk_ids, topk_weights):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt)
-def test_quant_experts_equal_dense_experts_on_dequantized_weights(fmt, gen):
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "dequantized"])
+def test_quant_experts_equal_dense_experts_on_dequantized_weights(fmt, c_kernel, gen, monkeypatch):
     bits, g, sym = fmt
+    if c_kernel and not cpu_gemv.available():
+        pytest.skip(f"C kernel unavailable: {cpu_gemv.why_unavailable()}")
+    if not c_kernel:
+        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
     e, d, i, t, k = 8, 128, 64 if g <= 64 else 128, 7, 2
     dense = DenseExperts(e, d, i, gen)
     q = QuantExperts.from_experts(dense, bits, g, "rtn", sym)
@@ -264,7 +269,9 @@ def test_quant_experts_equal_dense_experts_on_dequantized_weights(fmt, gen):
     with torch.no_grad():
         ref = dense(x, ids, w)
         assert _rel(token_by_token(dense, x, ids, w), ref) <= 1e-5
-    assert _rel(q(x, ids, w), ref) <= 1e-5
+    # The C kernel takes activations as int16 per group (about 5e-5 relative, two chained
+    # products); the dequantized path is float32 throughout.
+    assert _rel(q(x, ids, w), ref) <= (2e-4 if c_kernel else 1e-5)
     assert _rel(q(x.bfloat16(), ids, w), ref) <= 1.6e-2
 
 

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_repl)
 
     p = sub.add_parser("quantize", help="write an int4/int8 copy of a checkpoint")
-    p.add_argument("src", help="model directory (safetensors) or .gguf file")
+    p.add_argument("src", help="model directory (safetensors), .gguf file, or demo")
     p.add_argument("out", help="new model directory")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128")

@@ -400,7 +400,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
                         progress: Progress | None = None, symmetric: bool = False,
                         dtype_16bit: str = "bfloat16") -> Path:
     """Quantize the Qwen2 / Qwen2-MoE checkpoint `src` (a model directory with single or
-    sharded safetensors, or a .gguf file) into the new model directory `out`; return it.
+    sharded safetensors, a .gguf file, or "demo") into the new model directory `out`; return it.
 
     bits 4 (group-wise along the input dimension, `group_size` 32/64/128, asymmetric unless
     `symmetric`) or 8 (symmetric, per output channel; group_size ignored). `method`: one of
@@ -428,6 +428,9 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
     if dtype_16bit not in _DTYPES_16:
         raise QliteError(f"dtype_16bit {dtype_16bit!r}: choose one of {', '.join(_DTYPES_16)}")
     out = Path(out).expanduser().absolute()
+    if str(src) == "demo":  # as qlite.load("demo"): the demo model, pulled on first use
+        from qlite.pull import pull_demo
+        src = pull_demo(progress=progress)
     src_path = Path(src).expanduser().absolute()
     if out.exists() and not force:
         raise QliteError(f"{out}: already exists (use --force to replace it)")

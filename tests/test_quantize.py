@@ -338,3 +338,14 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path, bi
     assert growth < min(12 * largest, total / 3), (growth, largest, total)
     model = qlite.load(tmp_path / "q", dtype="float32")
     assert model.model.layers[7].mlp.down_proj.qweight.shape[0] == 1024
+
+
+def test_demo_as_source_is_the_pulled_demo_model(tmp_path, monkeypatch):
+    import qlite.pull
+    src = tmp_path / "demo-model"
+    save_tiny(src)
+    pulled = []
+    monkeypatch.setattr(qlite.pull, "pull_demo", lambda progress=None: pulled.append(1) or src)
+    out = quantize_checkpoint("demo", tmp_path / "demo-int8", bits=8, method="rtn")
+    assert pulled and json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    assert qlite.load(out, dtype="float32")(IDS).shape == (2, 19, 320)

@@ -1,12 +1,12 @@
 """int4/int8 matmul on the CPU: a small C kernel (cpu_gemv.c, AVX2), made for decode's M = 1.
 
-torch's `_weight_int4pack_mm_for_cpu` is compute-bound on AVX2 (about a third of the memory
-bandwidth at M = 1) and `_weight_int8pack_mm` reaches about half of it in a whole model, while
-decode on a CPU is nothing but GEMVs (bench/results/cpu.md). The
-kernel is compiled with the system C compiler on first use into the cache
-($XDG_CACHE_HOME/qlite/kernels, keyed by a hash of the source and flags) and called through
-ctypes. Where it cannot be had (no compiler, no AVX2, QLITE_CPU_KERNEL=0), `available()` is False
-and callers keep torch's op; `why_unavailable()` says why.
+Decode on a CPU is nothing but GEMVs, and torch's packed ops leave bandwidth unused there:
+`_weight_int4pack_mm_for_cpu` is compute-bound on AVX2 (about a third of the memory bandwidth
+at M = 1) and `_weight_int8pack_mm` reaches about half of it in a whole model
+(bench/results/cpu.md). The kernel is compiled with the system C compiler on first use into the
+cache ($XDG_CACHE_HOME/qlite/kernels, keyed by a hash of the source and flags) and called
+through ctypes. Where it cannot be had (no compiler, no AVX2, QLITE_CPU_KERNEL=0), `available()`
+is False and callers keep torch's ops; `why_unavailable()` says why.
 """
 from __future__ import annotations
 
@@ -55,9 +55,13 @@ def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     if not supports(bits, k):
         raise ValueError(f"cpu_gemv: int{bits} with K={k} (int8 needs K % 32 == 0)")
     y = torch.empty(m, n, dtype=x.dtype) if out is None else out
-    if not (x.is_contiguous() and y.is_contiguous() and y.shape == (m, n) and y.dtype == x.dtype):
-        raise ValueError(f"cpu_gemv: x {tuple(x.shape)} and out {tuple(y.shape)} {y.dtype} must "
-                         f"be contiguous, out [M, N] in x's dtype")
+    # The C code reads raw memory: anything but contiguous CPU tensors would be read wrong.
+    if not (x.is_contiguous() and y.is_contiguous() and y.shape == (m, n) and y.dtype == x.dtype
+            and not x.is_cuda and qweight.is_contiguous() and scales.is_contiguous()
+            and scales.dtype == torch.float16 and (zeros is None or zeros.is_contiguous())):
+        raise ValueError(f"cpu_gemv: x {tuple(x.shape)}, out {tuple(y.shape)} {y.dtype} and the "
+                         f"weights must be contiguous CPU tensors, out [M, N] in x's dtype, "
+                         f"scales float16")
     rc = lib.quant_matmul(x.data_ptr(), _DTYPES[x.dtype], bits, qweight.data_ptr(),
                           scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
                           None if bias is None else bias.data_ptr(),

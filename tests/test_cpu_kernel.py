@@ -92,3 +92,12 @@ def test_switched_off_kernel_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="QLITE_CPU_KERNEL=0"):
         cpu_gemv.quant_matmul(torch.zeros(1, 32), torch.zeros(4, 16, dtype=torch.uint8),
                               torch.ones(1, 4, dtype=torch.float16), None, 4, 32)
+
+
+def test_non_contiguous_weights_are_refused(gen):
+    if not cpu_gemv.available():
+        pytest.skip(f"C kernel unavailable: {cpu_gemv.why_unavailable()}")
+    qt = quantize(torch.randn(64, 64, generator=gen), 4, 32, False, "rtn")
+    with pytest.raises(ValueError, match="contiguous"):  # every other row: a strided view
+        cpu_gemv.quant_matmul(torch.zeros(1, 64), qt.qweight[::2], qt.scales[:, ::2],
+                              qt.zeros[:, ::2], 4, 32)

@@ -81,8 +81,9 @@ class Attention(nn.Module):
             k, v = self.cache.update(start, k, v)
         dtype = q.dtype
         if x.device.type == "cpu" and dtype != torch.float32:
-            # torch's bf16/fp16 attention on a CPU without bf16 matmul units (AVX2) runs ~5x
-            # slower than float32 (bench/results/cpu.md): attend in float32 there.
+            # torch's bf16/fp16 attention on a CPU without bf16 matmul units (AVX2) is several
+            # times slower than float32 (0.28 vs 0.04 ms a decode step at 300 keys on the
+            # demo's shapes; BENCHMARKS.md): attend in float32 there.
             q, k, v = q.float(), k.float(), v.float()
         # mask None means plain causal attention with as many keys as queries (or one query).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

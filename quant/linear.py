@@ -8,9 +8,10 @@ State-dict names (the on-disk names of quantized checkpoints, one module = one p
 All are buffers, not parameters: nothing here trains.
 
 forward dispatches on the device: CUDA -> Triton (decode kernel for M <= 16 rows, tiled GEMM
-above); CPU -> the C kernel of kernels/cpu_gemv.c (AVX2; about 2x torch's packed int4/int8
-ops in decode), or without it (no compiler, int8 with K % 32 != 0) torch's packed ops where they
-are fast and exact enough (bfloat16 activations, or few rows), else the float32 reference.
+above); CPU -> the C kernel of kernels/cpu_gemv.c (AVX2; 1.3-2x torch's packed int4/int8 ops
+per layer at M = 1, 1.4x in whole-model int4 decode), or without it (no compiler, int8 with
+K % 32 != 0) torch's packed ops where they are fast and exact enough (bfloat16 activations, or
+few rows), else the float32 reference.
 """
 import torch
 from torch import nn

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from qlite.errors import QliteError
 from qlite.generate import SamplingParams
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"qlite: warning: {message}",
+                                                          file=sys.stderr)
     try:
         args.func(args)
     except QliteError as e:

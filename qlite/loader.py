@@ -7,6 +7,7 @@ device and dtype: there is never a second full copy of the model in RAM.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -172,6 +173,12 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
     if config.quantization:
         from qlite.quantize import swap_to_quantized
         swap_to_quantized(model, config.quantization, dtype)
+        if device.type == "cpu":  # build the CPU kernel now rather than at the first token
+            from qlite.kernels import cpu_gemv
+            if not cpu_gemv.available():
+                warnings.warn(f"{model_dir}: the CPU int4/int8 kernel is unavailable "
+                              f"({cpu_gemv.why_unavailable()}); torch's slower ops are used",
+                              stacklevel=2)
     # With offloading the plan keeps routed experts (maybe the embedding) in host memory.
     place = plan.place if offload else (lambda key: device)
     load_weights(model, model_dir, place, dtype, progress)

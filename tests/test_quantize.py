@@ -349,3 +349,26 @@ def test_demo_as_source_is_the_pulled_demo_model(tmp_path, monkeypatch):
     out = quantize_checkpoint("demo", tmp_path / "demo-int8", bits=8, method="rtn")
     assert pulled and json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     assert qlite.load(out, dtype="float32")(IDS).shape == (2, 19, 320)
+
+
+def test_quantized_model_on_cpu_warns_once_without_the_c_kernel(tiny_dense, tmp_path,
+                                                                 monkeypatch, capsys):
+    import warnings
+    from qlite.cli import main
+    from qlite.kernels import cpu_gemv
+    out = quantize_checkpoint(tiny_dense[0], tmp_path / "q", bits=8, method="rtn")
+    if cpu_gemv.available():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning where the kernel works
+            qlite.load(out, dtype="float32")
+    monkeypatch.setattr(cpu_gemv, "_lib", None)
+    monkeypatch.setattr(cpu_gemv, "_why", "no C compiler (cc/gcc) on PATH")
+    with pytest.warns(UserWarning, match=r"q: the CPU int4/int8 kernel is unavailable \(no C "
+                                         r"compiler \(cc/gcc\) on PATH\); torch's slower ops"):
+        model = qlite.load(out, dtype="float32")
+    assert model(IDS).shape == (2, 19, 320)  # and it still runs, through torch's ops
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+    main(["generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert "qlite: warning: " in err and "kernel is unavailable" in err
+    assert err.count("unavailable") == 1

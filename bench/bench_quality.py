@@ -38,6 +38,11 @@ VARIANTS = {
     "int4-g128-hqq": ("qlite", dict(bits=4, group_size=128, method="hqq")),
     "int4-g64-rtn": ("qlite", dict(bits=4, group_size=64, method="rtn")),
     "int4-g64-hqq": ("qlite", dict(bits=4, group_size=64, method="hqq")),
+    # lm_head kept 16-bit, as bitsandbytes keeps it: the same weights quantized as bnb's
+    "int4-g128-rtn-head16": ("qlite", dict(bits=4, group_size=128, method="rtn",
+                                           keep_16bit=("embed", "lm_head"))),
+    "int4-g128-hqq-head16": ("qlite", dict(bits=4, group_size=128, method="hqq",
+                                           keep_16bit=("embed", "lm_head"))),
     "bnb-nf4": ("bnb", dict(bits=4)),
     "bnb-int8": ("bnb", dict(bits=8)),
 }

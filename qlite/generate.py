@@ -36,11 +36,13 @@ class GenerationStats:
     decode_seconds: float = 0.0
     finish_reason: str = ""       # "stop", "length", "stop_string" or "cancelled"
     dropped_messages: int = 0     # oldest chat turns left out to fit the context window
+    reused_tokens: int = 0        # prompt tokens already in the KV cache from the last reply
     token_ids: list[int] = field(default_factory=list)
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        computed = self.prompt_tokens - self.reused_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -48,7 +50,9 @@ class GenerationStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
     def summary(self) -> str:
-        return (f"prompt {self.prompt_tokens} tokens, generated {self.generated_tokens} tokens, "
+        reused = f" ({self.reused_tokens} from cache)" if self.reused_tokens else ""
+        return (f"prompt {self.prompt_tokens} tokens{reused}, "
+                f"generated {self.generated_tokens} tokens, "
                 f"prefill {self.prefill_tokens_per_s:.1f} tok/s, "
                 f"decode {self.decode_tokens_per_s:.1f} tok/s")
 
@@ -125,6 +129,10 @@ class Generation:
         need = n + budget
         if model.cache_len < need:
             model.setup_cache(1, min(context, -(-need // 256) * 256))
+        # A chat's next turn starts with the last one's tokens: their keys/values are still in
+        # the cache, so prefill only from where the prompts part (the last token at least).
+        reuse = _common_prefix(model.cached_ids, self.prompt_ids, limit=n - 1)
+        fed = list(self.prompt_ids)  # what the cache will hold once this reply is done
         generator = None
         if p.seed is not None:
             generator = torch.Generator().manual_seed(p.seed)
@@ -134,13 +142,14 @@ class Generation:
         text, sent = "", 0  # everything decoded so far / how much of it went out
         hold = max((len(s) for s in p.stop), default=1) - 1
         stats = self.stats
+        stats.reused_tokens = reuse
         prompt = torch.tensor([self.prompt_ids], device=device)
         plan = getattr(getattr(model, "offload", None), "plan", None)
         chunk = plan.prefill_chunk if plan else PREFILL_CHUNK
         t0 = time.perf_counter()
         with torch.inference_mode():
             # Prefill in chunks: activation memory stays bounded however long the prompt.
-            for pos in range(0, n, chunk):
+            for pos in range(reuse, n, chunk):
                 logits = model(prompt[:, pos:pos + chunk], start=pos, last_only=True)
             pos = n
             while True:
@@ -173,11 +182,22 @@ class Generation:
                     break
                 seen = torch.cat([seen, torch.tensor([token], device=device)])
                 logits = model(torch.tensor([[token]], device=device), start=pos)
+                fed.append(token)
                 pos += 1
+        model.cached_ids = fed
         if stats.finish_reason != "stop_string":
             text += stream.flush()
         if len(text) > sent:
             yield text[sent:]
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most limit."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
 
 
 def generate(model, prompt, *, raw: bool = False, cancel: threading.Event | None = None,

@@ -212,6 +212,9 @@ class Qwen2(nn.Module):
         self.model = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache_len = 0
+        # Token ids whose keys/values fill the first cache slots, as the last generate left
+        # them (the next turn of a chat reuses that prefix); any other cached forward clears it.
+        self.cached_ids: list[int] = []
         self.max_context = cfg.max_position_embeddings  # load(context=...) may lower it
         self.tokenizer = None  # set by qlite.load when the model directory has one
 
@@ -235,6 +238,7 @@ class Qwen2(nn.Module):
             layer.self_attn.cache = KVCache(batch, max_len, cfg.num_key_value_heads,
                                             cfg.head_dim, p.device, dtype)
         self.cache_len = max_len
+        self.cached_ids = []
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, start: int | None = None,
@@ -249,8 +253,10 @@ class Qwen2(nn.Module):
         """
         b, t = input_ids.shape
         end = t if start is None else start + t
-        if start is not None and end > self.cache_len:
-            raise ValueError(f"KV cache holds {self.cache_len} tokens, asked for {end}")
+        if start is not None:
+            if end > self.cache_len:
+                raise ValueError(f"KV cache holds {self.cache_len} tokens, asked for {end}")
+            self.cached_ids = []  # generate records what it leaves in the cache, once done
         if positions is None:
             if attention_mask is None:
                 positions = torch.arange(end - t, end, device=input_ids.device).expand(b, t)

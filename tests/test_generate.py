@@ -173,7 +173,9 @@ def test_chunked_prefill_generates_the_same_tokens(tiny_moe, monkeypatch):
 
     whole = greedy()
     monkeypatch.setattr(qlite.generate, "PREFILL_CHUNK", 5)
+    model.cached_ids = []  # no reuse of the first run's cache: prefill all of it, in chunks
     chunked = greedy()
+    assert chunked.reused_tokens == 0
     assert chunked.prompt_tokens > 10 and len(whole.token_ids) == 8
     assert chunked.token_ids == whole.token_ids
 
@@ -196,3 +198,32 @@ def test_repl_keeps_the_conversation_across_turns(tiny_dense, monkeypatch, capsy
     assert len(prompts) == 2
     assert "be brief" in prompts[1] and "first question" in prompts[1]
     assert prompts[1].count("<|im_start|>assistant") == 2  # the first reply is in the history
+
+
+def test_next_chat_turn_prefills_only_what_the_cache_lacks(tiny_dense):
+    model = qlite.load(tiny_dense[0], dtype="float32")
+    greedy = dict(temperature=0, max_new_tokens=6, repetition_penalty=1.0)
+    chat = [{"role": "user", "content": "hello there"}]
+    first = model.generate(chat, **greedy)
+    chat += [{"role": "assistant", "content": first.text()},
+             {"role": "user", "content": "and once more"}]
+    reused = model.generate(chat, **greedy)
+    text = reused.text()
+    # The first turn's prompt at least (its reply may tokenize differently once re-read).
+    assert len(first.prompt_ids) <= reused.stats.reused_tokens < reused.stats.prompt_tokens
+    assert f"({reused.stats.reused_tokens} from cache)" in reused.stats.summary()
+    model.cached_ids = []  # as a fresh model: the whole prompt prefilled
+    fresh = model.generate(chat, **greedy)
+    assert fresh.text() == text and fresh.stats.reused_tokens == 0
+    assert fresh.stats.token_ids == reused.stats.token_ids
+
+
+def test_any_other_cached_forward_forgets_the_reusable_prefix(tiny_dense):
+    model = qlite.load(tiny_dense[0], dtype="float32")
+    model.generate("hello there", temperature=0, max_new_tokens=4).text()
+    assert model.cached_ids  # the prompt and the reply tokens fed back
+    model(torch.tensor([[1, 2, 3]]), start=0)  # overwrites the first slots
+    assert model.cached_ids == []
+    gen = model.generate("hello there", temperature=0, max_new_tokens=4)
+    gen.text()
+    assert gen.stats.reused_tokens == 0

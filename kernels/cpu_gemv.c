@@ -16,6 +16,7 @@ so the loop sees codes only; x is reordered once per call to match the nibbles (
 the 16 even k then the 16 odd k). Output rows are split across threads with OpenMP; built
 against the libgomp that torch has already loaded, the threads are torch's own.
 */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -60,13 +61,18 @@ static void prepare_x(const void *x, int dtype, int64_t M, int64_t K, int64_t XG
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < ngroups; g++) {
             float amax = 0.0f;
-            for (int64_t k = g * XG; k < (g + 1) * XG; k++)
-                amax = fmaxf(amax, fabsf(to_float(x, m * K + k, dtype)));
-            const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
+            int finite = 1;
+            for (int64_t k = g * XG; k < (g + 1) * XG; k++) {
+                const float a = fabsf(to_float(x, m * K + k, dtype));
+                finite &= a <= FLT_MAX; /* false for inf and NaN */
+                amax = finite ? fmaxf(amax, a) : amax;
+            }
+            /* A NaN scale carries a non-finite x into the output, as a float matmul would. */
+            const float scale = !finite ? NAN : amax > 0.0f ? amax / 32767.0f : 1.0f;
             int32_t sum = 0; /* of the int16 values, so that the zero-point term sees the same x */
             for (int64_t k = g * XG; k < (g + 1) * XG; k++) {
                 const int64_t j = k & 31, at = reorder ? (k & ~(int64_t)31) + (j & 1) * 16 + (j >> 1) : k;
-                const int16_t q = (int16_t)lrintf(to_float(x, m * K + k, dtype) / scale);
+                const int16_t q = finite ? (int16_t)lrintf(to_float(x, m * K + k, dtype) / scale) : 0;
                 xq[m * K + at] = q;
                 sum += q;
             }

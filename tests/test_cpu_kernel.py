@@ -101,3 +101,19 @@ def test_non_contiguous_weights_are_refused(gen):
     with pytest.raises(ValueError, match="contiguous"):  # every other row: a strided view
         cpu_gemv.quant_matmul(torch.zeros(1, 64), qt.qweight[::2], qt.scales[:, ::2],
                               qt.zeros[:, ::2], 4, 32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_reach_the_output(bad, gen):
+    """As in a float matmul: a NaN or inf in a row of x makes that row's outputs non-finite
+    (the int16 scaling must not turn it into ordinary numbers), other rows stay exact."""
+    if not cpu_gemv.available():
+        pytest.skip(f"C kernel unavailable: {cpu_gemv.why_unavailable()}")
+    for bits in (4, 8):
+        qt = quantize(torch.randn(N, 64, generator=gen), bits, 32, False, "rtn")
+        x = torch.randn(2, 64, generator=gen)
+        x[0, 5] = bad
+        out = cpu_gemv.quant_matmul(x, qt.qweight, qt.scales, qt.zeros, bits, 32)
+        assert not out[0].isfinite().any()
+        ref = reference.quant_matmul(x[1:], qt.qweight, qt.scales, qt.zeros, bits, 32)
+        assert ((out[1:] - ref).abs().max() / ref.abs().max()).item() <= TOL["float32"]

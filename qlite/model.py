@@ -17,6 +17,24 @@ import torch.nn.functional as F
 from qlite.config import Config
 
 
+# A CPU without bf16 matrix units (AVX2, AVX-512 without BF16) multiplies bf16/fp16 several
+# times slower than float32 (BENCHMARKS.md): many-row products and attention go through
+# float32 there. One-row products (decode) stay in 16-bit, where reading half the bytes wins.
+CPU_HALF_IS_SLOW = not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except for 16-bit products of many rows on such a CPU: done in float32, with
+    the weight converted for the call (5x faster at 256 rows of the demo's MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if CPU_HALF_IS_SLOW and x.dtype != torch.float32 and x.device.type == "cpu" \
+                and x.numel() >= 16 * self.in_features:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -65,10 +83,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads,
                                                   cfg.num_key_value_heads, cfg.head_dim)
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, start):
@@ -80,10 +98,8 @@ class Attention(nn.Module):
         if start is not None:
             k, v = self.cache.update(start, k, v)
         dtype = q.dtype
-        if x.device.type == "cpu" and dtype != torch.float32:
-            # torch's bf16/fp16 attention on a CPU without bf16 matmul units (AVX2) is several
-            # times slower than float32 (0.28 vs 0.04 ms a decode step at 300 keys on the
-            # demo's shapes; BENCHMARKS.md): attend in float32 there.
+        if CPU_HALF_IS_SLOW and x.device.type == "cpu" and dtype != torch.float32:
+            # 0.28 vs 0.04 ms a decode step at 300 keys on the demo's shapes (AVX2)
             q, k, v = q.float(), k.float(), v.float()
         # mask None means plain causal attention with as many keys as queries (or one query).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -95,9 +111,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -153,12 +169,12 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         d = cfg.hidden_size
-        self.gate = nn.Linear(d, cfg.num_experts, bias=False)  # the router
+        self.gate = Linear(d, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg.num_experts, d, cfg.moe_intermediate_size)
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(d, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+            self.shared_expert_gate = Linear(d, 1, bias=False)
 
     def route(self, x: torch.Tensor):
         """Top-k experts per token from an fp32 softmax over the router logits."""
@@ -210,7 +226,7 @@ class Qwen2(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Transformer(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cache_len = 0
         # Token ids whose keys/values fill the first cache slots, as the last generate left
         # them (the next turn of a chat reuses that prefix); any other cached forward clears it.

@@ -142,7 +142,7 @@ def quantize_model_linears(model: nn.Module, bits: int = 4, group_size: int = 12
     Returns model."""
     skip = tuple(skip) + (() if quantize_lm_head else ("lm_head",))
     targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)]
+               if isinstance(mod, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -86,8 +86,9 @@ def test_bnb_backend_replaces_linears_and_experts_but_not_router_or_lm_head(tiny
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert isinstance(mlp.shared_expert.down_proj, bnb.nn.Linear4bit)
     assert isinstance(mlp.experts, BnbExperts)
-    assert type(mlp.gate) is nn.Linear and type(mlp.shared_expert_gate) is nn.Linear
-    assert type(model.lm_head) is nn.Linear
+    from qlite.model import Linear  # the model's own 16-bit linear (bnb's are nn.Linear too)
+    assert type(mlp.gate) is Linear and type(mlp.shared_expert_gate) is Linear
+    assert type(model.lm_head) is Linear
     assert model.backend == "bnb-nf4"
 
 

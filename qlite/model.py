@@ -21,18 +21,25 @@ from qlite.config import Config
 # times slower than float32 (BENCHMARKS.md): many-row products and attention go through
 # float32 there. One-row products (decode) stay in 16-bit, where reading half the bytes wins.
 CPU_HALF_IS_SLOW = not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+UPCAST_WEIGHTS = 1 << 24  # weights converted to float32 at a time (64 MB)
 
 
 class Linear(nn.Linear):
     """nn.Linear, except for 16-bit products of many rows on such a CPU: done in float32, with
-    the weight converted for the call (5x faster at 256 rows of the demo's MLP)."""
+    the weight converted for the call (5x faster at 256 rows of the demo's MLP), at most 64 MB
+    of it at a time."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if CPU_HALF_IS_SLOW and x.dtype != torch.float32 and x.device.type == "cpu" \
-                and x.numel() >= 16 * self.in_features:
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        if not (CPU_HALF_IS_SLOW and x.dtype != torch.float32 and x.device.type == "cpu"
+                and x.numel() >= 16 * self.in_features):
+            return F.linear(x, self.weight, self.bias)
+        x32 = x.float()
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
+        rows = max(1, UPCAST_WEIGHTS // self.in_features)
+        for i in range(0, self.out_features, rows):
+            bias = None if self.bias is None else self.bias[i:i + rows].float()
+            out[..., i:i + rows] = F.linear(x32, self.weight[i:i + rows].float(), bias)
+        return out
 
 
 class RMSNorm(nn.Module):

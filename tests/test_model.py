@@ -120,3 +120,21 @@ def test_moe_routes_by_grouping_tokens_per_expert():
     order, counts = group_by_expert(ids, 5)
     assert counts.tolist() == [1, 2, 1, 2, 0]
     assert ids.flatten()[order].tolist() == [0, 1, 1, 2, 3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_row_half_products_on_a_slow_cpu_run_in_float32_by_chunks(dtype, monkeypatch):
+    """On a CPU without bf16 units, 16 rows or more go through float32 (the weight converted a
+    few rows at a time); fewer rows stay a 16-bit product. Chunks may sum in another order than
+    one product: within one unit of the output's last place."""
+    import qlite.model as M
+    monkeypatch.setattr(M, "CPU_HALF_IS_SLOW", True)
+    monkeypatch.setattr(M, "UPCAST_WEIGHTS", 8 * 24)  # 8 weight rows of 24 at a time: 5 chunks
+    torch.manual_seed(0)
+    lin = M.Linear(24, 37).to(dtype).requires_grad_(False)
+    for rows in (16, 40):
+        x = torch.randn(2, rows // 2 if rows == 16 else rows, 24).to(dtype)
+        want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+        torch.testing.assert_close(lin(x).float(), want, rtol=torch.finfo(dtype).eps, atol=1e-6)
+    x = torch.randn(1, 3, 24).to(dtype)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))

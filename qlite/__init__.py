@@ -8,8 +8,8 @@ if _os.path.isfile(_os.path.join(_checkout, "tui.py")) and _os.path.isfile(
         _os.path.join(_checkout, "kernels", "__init__.py")):
     __path__.append(_checkout)
 
-from qlite.errors import QliteError  # noqa: E402
+from qlite.errors import QliteError, QliteWarning  # noqa: E402
 from qlite.loader import load  # noqa: E402
 from qlite.generate import GenerationStats, SamplingParams  # noqa: E402
 
-__all__ = ["load", "QliteError", "SamplingParams", "GenerationStats"]
+__all__ = ["load", "QliteError", "QliteWarning", "SamplingParams", "GenerationStats"]

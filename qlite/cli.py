@@ -6,7 +6,7 @@ import sys
 import time
 import warnings
 
-from qlite.errors import QliteError
+from qlite.errors import QliteError, QliteWarning
 from qlite.generate import SamplingParams
 
 
@@ -239,10 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, *args, _default=warnings.showwarning, **kwargs):
+    if issubclass(category, QliteWarning):  # ours: one line, like errors
+        print(f"qlite: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, *args, **kwargs)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    warnings.showwarning = lambda message, *_, **__: print(f"qlite: warning: {message}",
-                                                          file=sys.stderr)
+    warnings.showwarning = _show_warning
     try:
         args.func(args)
     except QliteError as e:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from qlite.checkpoint import TensorInfo, read_checkpoint
 from qlite.config import load_config
-from qlite.errors import QliteError
+from qlite.errors import QliteError, QliteWarning
 from qlite.model import Qwen2
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -178,7 +178,7 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
             if not cpu_gemv.available():
                 warnings.warn(f"{model_dir}: the CPU int4/int8 kernel is unavailable "
                               f"({cpu_gemv.why_unavailable()}); torch's slower ops are used",
-                              stacklevel=2)
+                              QliteWarning, stacklevel=2)
     # With offloading the plan keeps routed experts (maybe the embedding) in host memory.
     place = plan.place if offload else (lambda key: device)
     load_weights(model, model_dir, place, dtype, progress)

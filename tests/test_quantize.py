@@ -364,7 +364,8 @@ def test_quantized_model_on_cpu_warns_once_without_the_c_kernel(tiny_dense, tmp_
             qlite.load(out, dtype="float32")
     monkeypatch.setattr(cpu_gemv, "_lib", None)
     monkeypatch.setattr(cpu_gemv, "_why", "no C compiler (cc/gcc) on PATH")
-    with pytest.warns(UserWarning, match=r"q: the CPU int4/int8 kernel is unavailable \(no C "
+    from qlite.errors import QliteWarning
+    with pytest.warns(QliteWarning, match=r"q: the CPU int4/int8 kernel is unavailable \(no C "
                                          r"compiler \(cc/gcc\) on PATH\); torch's slower ops"):
         model = qlite.load(out, dtype="float32")
     assert model(IDS).shape == (2, 19, 320)  # and it still runs, through torch's ops

@@ -522,25 +522,25 @@ def test_snapshot_new_chat(model_dir, data_home, snap_compare):
     assert snap_compare(chat_app(model_dir), terminal_size=SIZE, run_before=until_chat)
 
 
-def test_snapshot_settings(model_dir, data_home, snap_compare):
+def until_screen(key, screen):
+    """run_before for a snapshot: open the chat, press key, wait for that screen."""
     async def run_before(pilot):
         await open_chat(pilot.app, pilot)
-        await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+        await pilot.press(key)
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, screen))
+    return run_before
 
-    assert snap_compare(chat_app(model_dir), terminal_size=SIZE, run_before=run_before)
+
+def test_snapshot_settings(model_dir, data_home, snap_compare):
+    assert snap_compare(chat_app(model_dir), terminal_size=SIZE,
+                        run_before=until_screen("ctrl+s", SettingsScreen))
 
 
 def test_snapshot_help(model_dir, data_home, snap_compare):
-    async def run_before(pilot):
-        await open_chat(pilot.app, pilot)
-        await pilot.press("f1")
-        await wait_for(pilot, lambda: isinstance(pilot.app.screen, HelpScreen))
-
     history = History(data_home / "qlite" / "history.db")
     history.path = "~/.local/share/qlite/history.db"  # shown in the help text
     assert snap_compare(chat_app(model_dir, history=history), terminal_size=SIZE,
-                        run_before=run_before)
+                        run_before=until_screen("f1", HelpScreen))
 
 
 def test_snapshot_loading(data_home, snap_compare, tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ import warnings
 from qlite.errors import QliteError, QliteWarning
 from qlite.generate import SamplingParams
 
+SERVE_CONTEXT = 4096  # qlite serve's --context unless given (each batch row caches a context)
+
 
 def progress_printer(stream=None):
     """A progress callback drawing one updating line per stage on `stream` (default: the
@@ -147,6 +149,19 @@ def cmd_chat(args):
              context=options.pop("context"), load_options=options)
 
 
+def cmd_serve(args):
+    from qlite.server import MAX_QUEUE, Server, model_name
+    model = _load(args)
+    if args.context is None:  # every row of the batch holds a whole context in its cache
+        model.max_context = min(model.max_context, SERVE_CONTEXT)
+    queue = MAX_QUEUE if args.max_queue is None else args.max_queue
+    server = Server(model, model_name(args.model), host=args.host, port=args.port,
+                    api_key=args.api_key, max_batch=args.max_batch, max_queue=queue,
+                    on_ready=lambda url: print(f"qlite serve: {url}/v1 (Ctrl-C to stop)",
+                                               flush=True))
+    server.serve()
+
+
 def cmd_plan(args):
     from qlite.plan import plan_text
     print(plan_text(args.model, args.gpu_budget, bits=args.bits, context=args.context,
@@ -201,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--stats", action="store_true", help="print expert-offloading statistics")
     p.set_defaults(func=cmd_repl)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (batches requests)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests waiting for a row beyond those (default 64); more get 503")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="write an int4/int8 copy of a checkpoint")
     p.add_argument("src", help="model directory (safetensors), .gguf file, or demo")

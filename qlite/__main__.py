@@ -1,0 +1,3 @@
+from qlite.cli import main
+
+main()

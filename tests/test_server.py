@@ -300,3 +300,33 @@ def test_flood_beyond_the_queue_gets_503(served, client):
         t.join()
     assert len(got) == limit and len(set(got)) == 1
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).usage
+
+
+@pytest.mark.demo
+def test_demo_concurrent_chats_equal_their_solo_replies(demo_model):
+    """The real model, float32: three chats decoded together give each its solo greedy text
+    (greedy top-2 margins go down to ~0.016 here, FACTS.md: any mixing of rows would show)."""
+    asks = ["Write a Python function that reverses a string.", "What is a mutex?",
+            "Say hello in French."]
+    chats = [[{"role": "user", "content": a}] for a in asks]
+    solo = [demo_model.generate(c, temperature=0, max_new_tokens=12).text() for c in chats]
+    context = demo_model.max_context
+    demo_model.max_context = 256  # a small cache per row
+    server = Server(demo_model, "demo", port=0, max_batch=len(chats)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+        got = {}
+
+        def run(i):
+            got[i] = stream_text(client.chat.completions.create(
+                model="demo", messages=chats[i], max_tokens=12, temperature=0, stream=True))[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got[i] for i in range(len(chats))] == solo
+    finally:
+        server.stop()
+        demo_model.max_context = context

@@ -175,7 +175,7 @@ def make(name, model_dir, gguf, threads, ctx):
         dtype = "bfloat16" if "bf16" in name else "float32"
         model = qlite.load(model_dir, dtype=dtype)
         if "-int" in name:
-            from qlite.quantize import quantize_model
+            from qlite.quant.swap import quantize_model
             bits = 8 if "int8" in name else 4
             quantize_model(model, bits=bits, group_size=128, method="rtn")
         if name.endswith("-torchops"):

@@ -49,7 +49,7 @@ TINY = dict(architectures=["Qwen2MoeForCausalLM"], vocab_size=1024, hidden_size=
 
 
 def qcfg(bits=4, group=128):
-    from qlite.quantize import FORMAT_VERSION
+    from qlite.quant.swap import FORMAT_VERSION
     return {"format": "qlite", "version": FORMAT_VERSION, "bits": bits, "group_size": group,
             "method": "rtn", "symmetric": False, "keep_16bit": ["embed"]}
 
@@ -76,11 +76,11 @@ def _random(name: str, like: torch.Tensor, device, dtype, group: int) -> torch.T
 
 
 def synthetic_model(raw: dict, plan, dtype, group: int) -> Qwen2:
-    from qlite.quantize import swap_to_quantized
+    from qlite.quant.swap import QuantConfig, swap_to_quantized
     cfg = config_from_dict(dict(raw, quantization=qcfg(4, group)), "synthetic")
     with torch.device("meta"):
         model = Qwen2(cfg)
-    swap_to_quantized(model, cfg.quantization, dtype)
+    swap_to_quantized(model, QuantConfig.from_dict(cfg.quantization), dtype)
     for key, t in model.state_dict(keep_vars=True).items():
         set_tensor(model, key, _random(key, t, plan.place(key), dtype, group))
     model.eval()
@@ -213,7 +213,7 @@ def bench_model(name, raw, budgets, device, dtype, args, bw, rows):
             r["budget_ok"] = device.type != "cuda" or r["peak"] <= plan.budget
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
-    del model
+    model = None  # frees it (measure, which holds it, is done)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -4,7 +4,7 @@ vs bitsandbytes NF4/int8, one markdown table under bench/results/.
 The text is a fixed list of stdlib files read from the running Python (never copied into the
 repository); each contributes its first --tokens tokens as one sequence. Every variant is the
 same demo weights (float32 activations), quantized in memory with exactly the quantizer and
-rules `qlite quantize` uses (qlite.quantize.quantize_model: lm_head quantized, embedding kept
+rules `qlite quantize` uses (qlite.quant.swap.quantize_model: lm_head quantized, embedding kept
 16-bit), or converted by qlite.bnb.to_bitsandbytes (lm_head kept, bitsandbytes' default).
 
     python bench/bench_quality.py                      # all variants, 8 files x 1024 tokens
@@ -69,7 +69,7 @@ def perplexity(model, sequences: list[torch.Tensor]) -> tuple[float, int]:
 def build(kind, opts, model_dir, dtype):
     model = qlite.load(model_dir, dtype=dtype)
     if kind == "qlite":
-        from qlite.quantize import quantize_model
+        from qlite.quant.swap import quantize_model
         quantize_model(model, dtype_16bit="bfloat16", **opts)
     elif kind == "bnb":
         from qlite.bnb import to_bitsandbytes
@@ -124,7 +124,7 @@ def main(argv=None):
 
 def write_table(args, rows, base, texts, seqs) -> str:
     """The markdown table of the rows so far, written to args.out (after every variant)."""
-    lines = [f"# Perplexity, demo model (Qwen2.5-Coder-0.5B-Instruct from its Q4_K_M GGUF)",
+    lines = ["# Perplexity, demo model (Qwen2.5-Coder-0.5B-Instruct from its Q4_K_M GGUF)",
              "",
              f"{datetime.date.today()} · {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores), torch {torch.__version__}, activations {args.dtype} · "

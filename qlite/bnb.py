@@ -33,7 +33,7 @@ def _bnb():
     try:
         import bitsandbytes as bnb
     except Exception as e:  # not installed, or its native library failed to load
-        raise QliteError(f"--backend bnb: bitsandbytes is not usable here ({e})") from None
+        raise QliteError(f"backend bnb: bitsandbytes is not usable here ({e})") from None
     return bnb
 
 
@@ -53,7 +53,7 @@ def bnb_linear(weight: torch.Tensor, bias: torch.Tensor | None, bits: int,
                                 threshold=0.0, device="meta")
         m.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     else:
-        raise QliteError(f"--backend bnb: bits={bits}: choose 4 (NF4) or 8 (LLM.int8)")
+        raise QliteError(f"backend bnb: bits={bits}: choose 4 (NF4) or 8 (LLM.int8)")
     if bias is not None:
         m.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
     return m.to(device)  # moving the parameter is what quantizes it
@@ -90,7 +90,7 @@ def to_bitsandbytes(model: nn.Module, bits: int = 4, skip=("lm_head",)) -> nn.Mo
     shared-expert gate. The model must hold real (not meta) 16/32-bit weights."""
     from qlite.model import Experts
     if bits not in (4, 8):
-        raise QliteError(f"--backend bnb: bits={bits}: choose 4 (NF4) or 8 (LLM.int8)")
+        raise QliteError(f"backend bnb: bits={bits}: choose 4 (NF4) or 8 (LLM.int8)")
     _bnb()
     skip = tuple(skip) + _ALWAYS_SKIP
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
@@ -101,7 +101,7 @@ def to_bitsandbytes(model: nn.Module, bits: int = 4, skip=("lm_head",)) -> nn.Mo
             continue
         if isinstance(module, (nn.Linear, Experts)):
             if any(p.is_meta for p in module.parameters()):
-                raise QliteError(f"--backend bnb: {name} has no weights loaded yet")
+                raise QliteError(f"backend bnb: {name} has no weights loaded yet")
             targets.append((name, module))
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")

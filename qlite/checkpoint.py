@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from qlite.errors import QliteError
 
@@ -103,6 +105,52 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
                 raise QliteError(f"{file}: tensor {name!r} also in {tensors[name].file.name}")
             tensors[name] = info
     return tensors
+
+
+# Published MoE checkpoints store each routed expert apart; the model stacks them.
+EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def tensor_sources(model: nn.Module, tensors: dict[str, TensorInfo]):
+    """For each model tensor, where its data comes from: [(checkpoint name, row slice)].
+
+    A stacked expert tensor missing from the checkpoint is gathered from per-expert tensors
+    (`experts.E.gate_proj.weight` fills rows [:I] of `experts.gate_up_proj[E]`)."""
+    sources = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        stem, _, part = key.rpartition(".")
+        if key in tensors or part not in EXPERT_PARTS or not stem.endswith("experts"):
+            sources[key] = [(key, None)]
+            continue
+        num, rows = t.shape[0], t.shape[1] // len(EXPERT_PARTS[part])
+        sources[key] = [(f"{stem}.{e}.{name}.weight", (e, slice(i * rows, (i + 1) * rows)))
+                        for e in range(num) for i, name in enumerate(EXPERT_PARTS[part])]
+    return sources
+
+
+def check_tensors(model: nn.Module, sources, tensors: dict[str, TensorInfo], where: Path):
+    """Every tensor the model needs is in the checkpoint with its shape, and nothing else is."""
+    params = model.state_dict(keep_vars=True)
+    tied = model.config.tie_word_embeddings
+    wanted = set()
+    for key, parts in sources.items():
+        if tied and key == "lm_head.weight":
+            continue
+        for name, index in parts:
+            wanted.add(name)
+            info = tensors.get(name)
+            if info is None:
+                raise QliteError(f"{where}: tensor {name!r} is missing from the checkpoint")
+            shape = tuple(params[key].shape if index is None else params[key][index].shape)
+            if info.shape != shape:
+                raise QliteError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                 f"the config says {list(shape)}")
+    extra = [n for n in tensors if n not in wanted and not _IGNORED.match(n)
+             and not (tied and n == "lm_head.weight")]
+    if extra:
+        raise QliteError(f"{tensors[extra[0]].file}: unexpected tensor {extra[0]!r}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
 class ShardWriter:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -95,9 +96,10 @@ def _load(args):
 
 
 def _print_offload_stats(model, stream=sys.stdout):
-    if getattr(model, "offload_stats", None):
+    stats = model.offload_stats()
+    if stats:
         from qlite.offload import format_stats
-        print(format_stats(model.offload_stats()), file=stream)
+        print(format_stats(stats), file=stream)
 
 
 def cmd_generate(args):
@@ -271,13 +273,33 @@ def _show_warning(message, category, *args, _default=warnings.showwarning, **kwa
         _default(message, category, *args, **kwargs)
 
 
+def flag_message(message: str, parser: argparse.ArgumentParser) -> str:
+    """Library errors name the Python parameter they blame, first (`gpu_budget 5 GiB: ...`,
+    `gpu_budget/expert_slots: ...`) or as `force=True`; the CLI names its flags instead."""
+    flags = {a.dest: a.option_strings[-1] for p in [parser, *_subparsers(parser)]
+             for a in p._actions if a.option_strings and a.dest != "help"}
+    head, sep, rest = message.partition(" ")
+    words = head.rstrip(":").split("/")
+    if all(w in flags for w in words):
+        message = "/".join(flags[w] for w in words) + head[len(head.rstrip(":")):] + sep + rest
+    return re.sub(r"\b(\w+)=True\b",
+                  lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.values()
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
     try:
         args.func(args)
     except QliteError as e:
-        print(f"qlite: error: {e}", file=sys.stderr)
+        print(f"qlite: error: {flag_message(str(e), parser)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -9,9 +9,27 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from qlite.errors import QliteError
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+PREFILL_CHUNK = 512  # prompt tokens per forward in a prefill (the planner sizes workspace for it)
+# Activation dtypes by the names qlite.load(dtype=...) and the CLI's --dtype take.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """The activation dtype. By default bfloat16 on CUDA; on the CPU float32 for 16-bit
+    weights (exact), bfloat16 for quantized ones (torch's packed int4/int8 matmuls take it)."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" or quantized else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise QliteError(f"dtype {dtype!r}: choose one of float32, bfloat16, float16")
+    return DTYPES[dtype]
 
 
 @dataclass

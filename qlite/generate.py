@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlite.config import PREFILL_CHUNK
 from qlite.errors import QliteError
-
-PREFILL_CHUNK = 512  # prompt tokens per forward during prefill
 
 
 @dataclass
@@ -144,8 +143,8 @@ class Generation:
         stats = self.stats
         stats.reused_tokens = reuse
         prompt = torch.tensor([self.prompt_ids], device=device)
-        plan = getattr(getattr(model, "offload", None), "plan", None)
-        chunk = plan.prefill_chunk if plan else PREFILL_CHUNK
+        offload = getattr(model, "offload", None)
+        chunk = offload.plan.prefill_chunk if offload else PREFILL_CHUNK
         t0 = time.perf_counter()
         with torch.inference_mode():
             # Prefill in chunks: activation memory stays bounded however long the prompt.

@@ -6,7 +6,6 @@ device and dtype: there is never a second full copy of the model in RAM.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -15,31 +14,18 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from qlite.checkpoint import TensorInfo, read_checkpoint
-from qlite.config import load_config
+from qlite.checkpoint import check_tensors, read_checkpoint, tensor_sources
+from qlite.config import load_config, resolve_dtype
 from qlite.errors import QliteError, QliteWarning
 from qlite.model import Qwen2
+from qlite.offload import offload_experts
+from qlite.plan import make_plan
+from qlite.kernels import cpu_gemv
+from qlite.quant.swap import QuantConfig, swap_to_quantized
+from qlite.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-# Published MoE checkpoints store each routed expert apart; the model stacks them.
-_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _QUANT_PARAMS = (".scales", ".zeros")
-
-
-def resolve_dtype(dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
-    """The activation dtype. By default bfloat16 on CUDA; on the CPU float32 for 16-bit
-    weights (exact), bfloat16 for quantized ones (torch's packed int4/int8 matmuls take it)."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise QliteError(f"--dtype {dtype!r}: choose one of float32, bfloat16, float16")
-    return DTYPES[dtype]
 
 
 def resolve_model_dir(path, progress: Progress | None = None) -> Path:
@@ -50,46 +36,6 @@ def resolve_model_dir(path, progress: Progress | None = None) -> Path:
     if not path.is_dir():
         raise QliteError(f"{path}: no such model directory")
     return path
-
-
-def tensor_sources(model: nn.Module, tensors: dict[str, TensorInfo]):
-    """For each model tensor, where its data comes from: [(checkpoint name, row slice)].
-
-    A stacked expert tensor missing from the checkpoint is gathered from per-expert tensors
-    (`experts.E.gate_proj.weight` fills rows [:I] of `experts.gate_up_proj[E]`)."""
-    sources = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        stem, _, part = key.rpartition(".")
-        if key in tensors or part not in _EXPERT_PARTS or not stem.endswith("experts"):
-            sources[key] = [(key, None)]
-            continue
-        num, rows = t.shape[0], t.shape[1] // len(_EXPERT_PARTS[part])
-        sources[key] = [(f"{stem}.{e}.{name}.weight", (e, slice(i * rows, (i + 1) * rows)))
-                        for e in range(num) for i, name in enumerate(_EXPERT_PARTS[part])]
-    return sources
-
-
-def check_tensors(model: nn.Module, sources, tensors: dict[str, TensorInfo], where: Path):
-    params = model.state_dict(keep_vars=True)
-    tied = model.config.tie_word_embeddings
-    wanted = set()
-    for key, parts in sources.items():
-        if tied and key == "lm_head.weight":
-            continue
-        for name, index in parts:
-            wanted.add(name)
-            info = tensors.get(name)
-            if info is None:
-                raise QliteError(f"{where}: tensor {name!r} is missing from the checkpoint")
-            shape = tuple(params[key].shape if index is None else params[key][index].shape)
-            if info.shape != shape:
-                raise QliteError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
-                                 f"the config says {list(shape)}")
-    extra = [n for n in tensors if n not in wanted and not _IGNORED.match(n)
-             and not (tied and n == "lm_head.weight")]
-    if extra:
-        raise QliteError(f"{tensors[extra[0]].file}: unexpected tensor {extra[0]!r}"
-                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
 def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
@@ -158,23 +104,21 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise QliteError(f"--device {device}: CUDA is not available on this machine")
+        raise QliteError(f"device {device}: CUDA is not available on this machine")
     config = load_config(model_dir)
     dtype = resolve_dtype(dtype, device, quantized=bool(config.quantization))
     offload = (gpu_budget is not None or expert_slots is not None)
     if offload:
         if not config.is_moe:
-            raise QliteError(f"{model_dir}: --gpu-budget/--expert-slots need an MoE model")
-        from qlite.offload import plan_offload
-        plan = plan_offload(config, device, dtype, gpu_budget, expert_slots,
-                            context or config.max_position_embeddings)
+            raise QliteError(f"gpu_budget/expert_slots: {model_dir} is not an MoE model")
+        plan = make_plan(config, gpu_budget, expert_slots,
+                         context or config.max_position_embeddings, device, dtype)
     with torch.device("meta"):
         model = Qwen2(config)
     if config.quantization:
-        from qlite.quantize import swap_to_quantized
-        swap_to_quantized(model, config.quantization, dtype)
+        swap_to_quantized(model, QuantConfig.from_dict(config.quantization,
+                                                       str(model_dir / "config.json")), dtype)
         if device.type == "cpu":  # build the CPU kernel now rather than at the first token
-            from qlite.kernels import cpu_gemv
             if not cpu_gemv.available():
                 warnings.warn(f"{model_dir}: the CPU int4/int8 kernel is unavailable "
                               f"({cpu_gemv.why_unavailable()}); torch's slower ops are used",
@@ -186,19 +130,17 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
         from qlite.bnb import to_bitsandbytes
         to_bitsandbytes(model, bits=bnb_bits)
     elif backend != "qlite":
-        raise QliteError(f"--backend {backend!r}: choose qlite or bnb")
+        raise QliteError(f"backend {backend!r}: choose qlite or bnb")
     if offload:
-        from qlite.offload import offload_experts
         offload_experts(model, plan, prefetch=prefetch)
     model.tie_weights()
     model.eval()
-    from qlite.tokenizer import Tokenizer
     model.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() \
         else None
     model.model_dir = model_dir
     if context is not None:
         if not 0 < context <= config.max_position_embeddings:
-            raise QliteError(f"--context {context}: must be between 1 and "
+            raise QliteError(f"context {context}: must be between 1 and "
                              f"max_position_embeddings={config.max_position_embeddings}")
         model.max_context = context
     return model

@@ -244,6 +244,17 @@ class Qwen2(nn.Module):
         self.cached_ids: list[int] = []
         self.max_context = cfg.max_position_embeddings  # load(context=...) may lower it
         self.tokenizer = None  # set by qlite.load when the model directory has one
+        self.model_dir = None  # the directory qlite.load read
+        self.backend = "qlite"  # or "bnb-nf4" / "bnb-int8" (qlite/bnb.py)
+        self.offload = None  # qlite.offload.OffloadState when routed experts are offloaded
+
+    def offload_stats(self) -> dict | None:
+        """Expert-offloading statistics (qlite/offload.py); None when nothing is offloaded."""
+        return None if self.offload is None else self.offload.stats_dict()
+
+    def reset_offload_stats(self):
+        if self.offload is not None:
+            self.offload.reset()
 
     def generate(self, prompt, **kwargs):
         """Stream a chat reply: see qlite.generate.generate."""

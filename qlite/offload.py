@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import time
-import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,12 +32,8 @@ import torch.nn as nn
 
 from qlite.errors import QliteError
 from qlite.model import MoE, expert_batches
-from qlite.plan import ALIGN, Plan, make_plan
-
-
-def plan_offload(config, device, dtype, gpu_budget=None, expert_slots=None, context=None) -> Plan:
-    """The loader's entry: plan before anything is allocated (see qlite/plan.py)."""
-    return make_plan(config, gpu_budget, expert_slots, context, device, dtype)
+from qlite.plan import ALIGN, Plan
+from qlite.quant.experts import QuantExperts
 
 
 @dataclass
@@ -129,7 +124,7 @@ POLICIES = {"lru": LRU, "lrfu": LRFU}
 
 def make_policy(name: str):
     if name not in POLICIES:
-        raise QliteError(f"--policy {name!r}: choose one of {', '.join(POLICIES)}")
+        raise QliteError(f"policy {name!r}: choose one of {', '.join(POLICIES)}")
     return POLICIES[name]()
 
 
@@ -349,14 +344,6 @@ class ExpertCache:
 
 # --- the drop-in experts module --------------------------------------------------------------
 
-def _is_quant_experts(module) -> bool:
-    try:
-        from qlite.quant.experts import QuantExperts
-    except ImportError:
-        return False
-    return isinstance(module, QuantExperts)
-
-
 class OffloadedExperts(nn.Module):
     """Routed experts of one MoE layer served from an ExpertCache; same forward as `Experts`.
 
@@ -374,7 +361,7 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.num_experts = template.num_experts
         self.cache = cache
-        quant = _is_quant_experts(template)
+        quant = isinstance(template, QuantExperts)
         self.fp32_sum = quant
         self.grouped = quant and cache.device.type == "cuda" if grouped is None else grouped
         shared = {n: t.to(cache.device) for n, t in cache.store.shared.items()}
@@ -448,11 +435,13 @@ class HostEmbedding(nn.Module):
 
 
 class OffloadState:
-    """What offload_experts attaches to the model: the caches, one Stats, the copy stream."""
+    """A model's `offload`: the caches, one Stats, the copy stream, and the plan (generate
+    reads plan.prefill_chunk: the workspace is sized for it)."""
 
-    def __init__(self, caches, stats, stream, policy, prefetch, hooks):
+    def __init__(self, caches, stats, stream, policy, prefetch, hooks, plan: Plan):
         self.caches, self.stats, self.stream = caches, stats, stream
         self.policy, self.prefetch, self.hooks = policy, prefetch, hooks
+        self.plan = plan
 
     def stats_dict(self) -> dict:
         if self.stream is not None:
@@ -475,9 +464,9 @@ class OffloadState:
 def offload_experts(model: nn.Module, plan: Plan, prefetch: bool = True,
                     policy: str = "lrfu") -> OffloadState:
     """Replace each MoE layer's routed experts (loaded in host memory) by OffloadedExperts with
-    `plan.slots` device slots, and give the model offload_stats() / reset_offload_stats().
+    `plan.slots` device slots; the model's offload_stats() / reset_offload_stats() then report.
     Called again on an offloaded model, it re-plans: the host store stays, the caches change."""
-    old = getattr(model, "offload", None)
+    old = model.offload
     if old is not None:
         for h in old.hooks:
             h.remove()
@@ -513,9 +502,5 @@ def offload_experts(model: nn.Module, plan: Plan, prefetch: bool = True,
     embed = model.model.embed_tokens
     if plan.embed_on_cpu and type(embed) is nn.Embedding and not model.config.tie_word_embeddings:
         model.model.embed_tokens = HostEmbedding(embed.weight.detach().cpu(), device)
-    state = OffloadState(caches, stats, stream, policy, prefetch, hooks)
-    state.plan = plan  # generate reads plan.prefill_chunk: the workspace is sized for it
-    model.offload = state
-    model.offload_stats = types.MethodType(lambda self: self.offload.stats_dict(), model)
-    model.reset_offload_stats = types.MethodType(lambda self: self.offload.reset(), model)
-    return state
+    model.offload = OffloadState(caches, stats, stream, policy, prefetch, hooks, plan)
+    return model.offload

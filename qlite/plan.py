@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from qlite.config import Config
+from qlite.config import PREFILL_CHUNK, Config, load_config, resolve_dtype
 from qlite.errors import QliteError
+from qlite.quant.formats import BITS, packed_bytes
+from qlite.quant.swap import QuantConfig
 
 GiB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6,
           "g": 10 ** 9, "gb": 10 ** 9, "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10,
           "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-ALIGN = 64          # bytes: every per-expert tensor starts on a 64-byte boundary in a slot
-PREFILL_CHUNK = 512  # tokens per forward the workspace is sized for (see Plan.prefill_chunk)
+ALIGN = 64  # bytes: every per-expert tensor starts on a 64-byte boundary in a slot
 
 
-def parse_bytes(value, option: str = "--gpu-budget") -> int:
+def parse_bytes(value, option: str = "gpu_budget") -> int:
     """24GiB, 24GB, 1.5G (decimal unless 'iB'), or a plain number of bytes."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         n = int(value)
@@ -50,13 +52,10 @@ def fmt_bytes(n: float) -> str:
 
 def matrix_bytes(n: int, k: int, bits: int, group_size: int, act_bytes: int,
                  symmetric: bool = False) -> int:
-    """Bytes of one [n, k] weight: int4 packs two per byte with a 16-bit scale (and zero) per
-    group of k; int8 has a 16-bit scale per output row; 16 bits is the activation dtype."""
-    if bits == 4:
-        groups = -(-k // group_size)
-        return n * k // 2 + n * groups * 2 * (1 if symmetric else 2)
-    if bits == 8:
-        return n * k + n * 2
+    """Bytes of one [n, k] weight: packed as quant/formats.py says for 4 and 8 bits; 16 bits is
+    the activation dtype."""
+    if bits in BITS:
+        return packed_bytes(n, k, bits, group_size, symmetric)
     return n * k * act_bytes
 
 
@@ -149,14 +148,17 @@ def estimate_parts(cfg: Config, bits: int, group_size: int, act_bytes: int, cont
 
 
 def _quant_format(cfg: Config, bits: int | None, group_size: int | None):
-    q = cfg.quantization or {}
-    bits = bits or int(q.get("bits", 16))
-    if bits not in (4, 8, 16):
-        raise QliteError(f"--bits {bits}: choose 4, 8 or 16")
-    group = group_size or int(q.get("group_size", 128))
-    keep = q.get("keep_16bit", ("embed",))  # what `qlite quantize` keeps by default
-    keep = keep.split(",") if isinstance(keep, str) else tuple(keep)
-    return bits, group, keep, bool(q.get("symmetric", False))
+    """(bits, group size, kept 16-bit parts, symmetric): the checkpoint's quantization, or what
+    `qlite quantize` would write with `bits` (16: not quantized)."""
+    if bits is None and cfg.quantization:
+        q = QuantConfig.from_dict(cfg.quantization)
+    elif bits == 16 or (bits is None and not cfg.quantization):
+        return 16, None, (), False
+    else:
+        q = QuantConfig(bits, group_size) if bits in BITS else None
+        if q is None:
+            raise QliteError(f"bits {bits}: choose 4, 8 or 16")
+    return q.bits, q.group_size, q.keep, q.symmetric
 
 
 def make_plan(cfg: Config, gpu_budget=None, expert_slots: int | None = None, context: int | None = None,
@@ -165,7 +167,7 @@ def make_plan(cfg: Config, gpu_budget=None, expert_slots: int | None = None, con
     """Plan an MoE model for a GPU budget (bytes or "24GiB") and/or a fixed number of expert
     slots per MoE layer. Raises QliteError naming the option when they cannot work."""
     if not cfg.is_moe or not cfg.num_experts:
-        raise QliteError("--gpu-budget/--expert-slots: the model has no routed experts to offload")
+        raise QliteError("gpu_budget/expert_slots: the model has no routed experts to offload")
     device = torch.device(device)
     context = context or cfg.max_position_embeddings
     act = torch.tensor([], dtype=dtype).element_size()
@@ -183,19 +185,19 @@ def make_plan(cfg: Config, gpu_budget=None, expert_slots: int | None = None, con
     minimum = fixed + moe_layers * expert
     if expert_slots is not None:
         if not 1 <= expert_slots <= cfg.num_experts:
-            raise QliteError(f"--expert-slots {expert_slots}: must be between 1 and the "
+            raise QliteError(f"expert_slots {expert_slots}: must be between 1 and the "
                              f"number of experts per layer, {cfg.num_experts}")
         slots = expert_slots
         need = fixed + moe_layers * slots * expert
         if budget is not None and need > budget:
-            raise QliteError(f"--gpu-budget {fmt_bytes(budget)} is too small for "
-                             f"--expert-slots {slots}: it needs {fmt_bytes(need)}")
+            raise QliteError(f"gpu_budget {fmt_bytes(budget)} is too small for {slots} expert "
+                             f"slots per layer: they need {fmt_bytes(need)}")
     elif budget is not None:
         if budget < minimum:
             raise QliteError(
-                f"--gpu-budget {fmt_bytes(budget)} is too small: the non-expert part and the "
+                f"gpu_budget {fmt_bytes(budget)} is too small: the non-expert part and the "
                 f"KV cache for {context} tokens ({fmt_bytes(fixed)}) plus one expert slot per MoE "
-                f"layer need at least {fmt_bytes(minimum)} (a shorter --context needs less)")
+                f"layer need at least {fmt_bytes(minimum)} (a shorter context needs less)")
         slots = min(cfg.num_experts, (budget - fixed) // (moe_layers * expert))
     else:
         slots = cfg.num_experts
@@ -236,16 +238,10 @@ def plan_text(model: str, gpu_budget=None, bits: int | None = None, context: int
               dtype: str = "bfloat16") -> str:
     """`qlite plan --model PATH|CONFIG --bits 4 --gpu-budget 24GiB [--context N]`: the table
     for a model directory or a config.json file, computed from the config alone."""
-    from pathlib import Path
-
-    from qlite.config import load_config
-    from qlite.loader import DTYPES
-    if dtype not in DTYPES:
-        raise QliteError(f"--dtype {dtype!r}: choose one of float32, bfloat16, float16")
+    act = resolve_dtype(dtype, torch.device("cuda"))
     cfg = load_config(model)
     if context is not None and not 0 < context <= cfg.max_position_embeddings:
-        raise QliteError(f"--context {context}: must be between 1 and "
+        raise QliteError(f"context {context}: must be between 1 and "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    plan = make_plan(cfg, gpu_budget, expert_slots, context, "cuda", DTYPES[dtype], bits,
-                     group_size)
+    plan = make_plan(cfg, gpu_budget, expert_slots, context, "cuda", act, bits, group_size)
     return plan_table(plan, Path(model).name)

@@ -13,7 +13,7 @@ from torch import nn
 from qlite.kernels import cpu_gemv, reference
 from qlite.kernels.fused_moe import fused_moe
 
-from .formats import check_format, quantize
+from .formats import check_format, packed_shapes, quantize
 
 
 class StackedQuantWeight(nn.Module):
@@ -23,16 +23,11 @@ class StackedQuantWeight(nn.Module):
                  symmetric: bool, device=None):
         super().__init__()
         check_format(bits, group_size, in_features, "experts")
-        e, n, k = num_experts, out_features, in_features
-        if bits == 8:
-            self.register_buffer("qweight", torch.empty(e, n, k, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(e, n, dtype=torch.float16, device=device))
-        else:
-            self.register_buffer("qweight", torch.empty(e, n, k // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scales", torch.empty(e, k // group_size, n, dtype=torch.float16, device=device))
-        asym = bits == 4 and not symmetric
-        self.register_buffer("zeros", torch.empty(e, k // group_size, n, dtype=torch.float16, device=device)
-                             if asym else None)
+        for name, (shape, dt) in packed_shapes(out_features, in_features, bits, group_size,
+                                               symmetric).items():
+            self.register_buffer(name, torch.empty(num_experts, *shape, dtype=dt, device=device))
+        if bits == 8 or symmetric:
+            self.register_buffer("zeros", None)
 
     def packed(self):
         return self.qweight, self.scales, self.zeros

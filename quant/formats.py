@@ -32,6 +32,7 @@ Quantizers (`method`):
        the least-squares refit of the scale only. Each group keeps the best (scale, zero) seen,
        starting from RTN's, so its squared error is never above RTN's.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,25 @@ def check_format(bits: int, group_size: int, in_features: int, name: str = "weig
             raise QliteError(f"group_size must be one of {GROUP_SIZES}, got {group_size} ({name})")
         if in_features % group_size:
             raise QliteError(f"group_size {group_size} does not divide in_features {in_features} of {name}")
+
+
+def packed_shapes(n: int, k: int, bits: int, group_size: int | None,
+                  symmetric: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Buffer name -> (shape, dtype) of one packed weight [N, K] (the layouts above): the one
+    statement of them that modules, the quantize job and the memory planner all read."""
+    if bits == 8:
+        return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
+    shapes = {"qweight": ((n, k // 2), torch.uint8),
+              "scales": ((k // group_size, n), torch.float16)}
+    if not symmetric:
+        shapes["zeros"] = ((k // group_size, n), torch.float16)
+    return shapes
+
+
+def packed_bytes(n: int, k: int, bits: int, group_size: int | None, symmetric: bool = False) -> int:
+    """Bytes of one packed weight [N, K]: every tensor of packed_shapes."""
+    return sum(math.prod(shape) * dtype.itemsize
+               for shape, dtype in packed_shapes(n, k, bits, group_size, symmetric).values())
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -205,4 +225,4 @@ def dequantize(qt: QuantizedTensor, dtype=torch.float32) -> torch.Tensor:
 
 
 __all__ = ["QuantizedTensor", "quantize", "dequantize", "pack_int4", "unpack_int4", "check_format",
-           "BITS", "GROUP_SIZES", "METHODS"]
+           "packed_shapes", "packed_bytes", "BITS", "GROUP_SIZES", "METHODS"]

@@ -21,7 +21,7 @@ from qlite.kernels import cpu_gemv, reference
 from qlite.kernels.gemm import qgemm
 from qlite.kernels.gemv import qgemv
 
-from .formats import check_format, quantize
+from .formats import check_format, packed_shapes, quantize
 
 DECODE_MAX_M = 16  # rows up to which the decode kernel beats the tiled GEMM
 _CPU_OP_MAX_M = 4  # torch's packed CPU matmuls are slower than dequantize + matmul above this,
@@ -39,16 +39,12 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.symmetric = symmetric or bits == 8
-        n, k = out_features, in_features
-        if bits == 8:
-            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(n, dtype=torch.float16, device=device))
-        else:
-            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scales", torch.empty(k // group_size, n, dtype=torch.float16, device=device))
-        zeros = None if self.symmetric else torch.empty(k // group_size, n, dtype=torch.float16, device=device)
-        self.register_buffer("zeros", zeros)
-        self.register_buffer("bias", torch.empty(n, dtype=dtype, device=device) if bias else None)
+        for name, (shape, dt) in packed_shapes(out_features, in_features, bits, group_size,
+                                               self.symmetric).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        if self.symmetric:
+            self.register_buffer("zeros", None)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self._cpu_pack = None  # torch's CPU int4 layout, built on first use (not saved)
 
     @classmethod
@@ -70,7 +66,9 @@ class QuantLinear(nn.Module):
         return reference.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 
     def extra_repr(self) -> str:
-        kind = f"int{self.bits}" + ("" if self.bits == 8 else f" g{self.group_size}" + (" sym" if self.symmetric else ""))
+        kind = f"int{self.bits}"
+        if self.bits == 4:
+            kind += f" g{self.group_size}" + (" sym" if self.symmetric else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,24 +125,3 @@ class QuantLinear(nn.Module):
                 offset = torch.zeros_like(s) if self.zeros is None else (8 - self.zeros.float()) * s
                 self._cpu_pack = (key, packed, torch.stack([s, offset], dim=-1).to(dtype))
         return self._cpu_pack[1], self._cpu_pack[2]
-
-
-# Linear layers left in 16-bit by default: the MoE router and the shared-expert gate (tiny,
-# and routing is sensitive to them). lm_head is kept unless asked for: see quantize_model_linears.
-DEFAULT_SKIP = ("mlp.gate", "mlp.shared_expert_gate")
-
-
-def quantize_model_linears(model: nn.Module, bits: int = 4, group_size: int = 128, method: str = "hqq",
-                           symmetric: bool = False, skip=DEFAULT_SKIP, quantize_lm_head: bool = False) -> nn.Module:
-    """Replace, in place, every nn.Linear of model by a QuantLinear, except those whose qualified
-    name ends with an entry of skip (e.g. "mlp.gate" matches "model.layers.3.mlp.gate") and
-    lm_head unless quantize_lm_head. Embeddings are nn.Embedding and are never touched here.
-    Returns model."""
-    skip = tuple(skip) + (() if quantize_lm_head else ("lm_head",))
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear, bits, group_size, method, symmetric, name))
-    return model

@@ -60,7 +60,8 @@ def _cases():
         for t in (1, 3, 16, 64):
             cases.append(("fused_moe", f, t, "float32", None))
         cases.append(("fused_moe", f, 16, "bfloat16", None))
-        cases.append(("fused_moe", f, 64, "float32", dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)))
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)
+        cases.append(("fused_moe", f, 64, "float32", cfg))
     cases.append(("fused_moe", (4, 128, True), 3, "float16", None))
     return cases
 

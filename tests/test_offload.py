@@ -220,9 +220,9 @@ def test_stats_reset_and_load_errors(moe16):
     model.reset_offload_stats()
     s = model.offload_stats()
     assert s["misses"] == s["hits"] == s["bytes_copied"] == 0 and s["stall_seconds"] == 0.0
-    with pytest.raises(QliteError, match="--expert-slots 17"):
+    with pytest.raises(QliteError, match="expert_slots 17"):
         qlite.load(path, dtype="float32", expert_slots=17)
-    with pytest.raises(QliteError, match="--gpu-budget .* too small.* at least"):
+    with pytest.raises(QliteError, match="gpu_budget .* too small.* at least"):
         qlite.load(path, dtype="float32", gpu_budget="100KiB")
 
 

@@ -56,16 +56,16 @@ def test_qwen15_moe_int4_at_4gib_and_the_context_it_costs():
 def test_too_small_budget_states_the_minimum():
     p = _plan(Q57, "24GiB")
     assert p.minimum == p.fixed_bytes + 28 * p.expert_bytes
-    with pytest.raises(QliteError, match=r"--gpu-budget 5\.00 GiB is too small.*at least 5\.48 GiB"):
+    with pytest.raises(QliteError, match=r"gpu_budget 5\.00 GiB is too small.*at least 5\.48 GiB"):
         _plan(Q57, "5GiB")
     assert _plan(Q57, p.minimum).slots == 1
 
 
 def test_expert_slots_option():
     assert _plan(Q57, slots=8).slots == 8
-    with pytest.raises(QliteError, match="--expert-slots 65"):
+    with pytest.raises(QliteError, match="expert_slots 65"):
         _plan(Q57, slots=65)
-    with pytest.raises(QliteError, match="--gpu-budget .* too small for --expert-slots 64"):
+    with pytest.raises(QliteError, match="gpu_budget .* too small for 64 expert slots"):
         _plan(Q57, "24GiB", slots=64)
 
 
@@ -75,7 +75,7 @@ def test_parse_bytes():
     assert parse_bytes("1.5g") == 1_500_000_000
     assert parse_bytes(1234) == 1234
     for bad in ("lots", "24XB", "-1GiB", 0):
-        with pytest.raises(QliteError, match="--gpu-budget"):
+        with pytest.raises(QliteError, match="gpu_budget"):
             parse_bytes(bad)
 
 
@@ -86,7 +86,7 @@ def test_plan_table_text():
                  "experts resident: 1372 of 1792 (77%)", "smallest budget that runs",
                  "5.48 GiB"):
         assert want in text, want
-    with pytest.raises(QliteError, match="--context 99999"):
+    with pytest.raises(QliteError, match="context 99999"):
         plan_text(str(Q57), "24GiB", bits=4, context=99999)
-    with pytest.raises(QliteError, match="--bits 3"):
+    with pytest.raises(QliteError, match="bits 3"):
         plan_text(str(Q57), "24GiB", bits=3)

@@ -9,7 +9,8 @@ from torch import nn
 
 from qlite.errors import QliteError
 from qlite.kernels import cpu_gemv, reference
-from qlite.quant import QuantExperts, QuantLinear, dequantize, quantize, quantize_model_linears
+from qlite.quant import QuantExperts, QuantLinear, dequantize, quantize
+from qlite.quant.swap import QuantConfig, quantized_targets
 from qlite.quant.formats import pack_int4, unpack_int4
 
 
@@ -209,16 +210,13 @@ class TinyModel(nn.Module):
         self.lm_head = nn.Linear(64, 10, bias=False)
 
 
-def test_quantize_model_linears_keeps_router_norms_and_lm_head():
-    m = quantize_model_linears(TinyModel(), 4, 32, "rtn")
-    for layer in m.layers:
-        assert isinstance(layer.self_attn.q_proj, QuantLinear)
-        assert isinstance(layer.mlp.shared_expert.gate_proj, QuantLinear)
-        assert type(layer.mlp.gate) is nn.Linear and type(layer.mlp.shared_expert_gate) is nn.Linear
-        assert type(layer.input_layernorm) is nn.LayerNorm
-    assert type(m.lm_head) is nn.Linear and type(m.embed_tokens) is nn.Embedding
-    m = quantize_model_linears(TinyModel(), 8, quantize_lm_head=True)
-    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.bits == 8
+def test_quantized_targets_skip_router_norms_and_what_is_kept():
+    names = {n for n, _ in quantized_targets(TinyModel(), QuantConfig(4, 32, keep=("embed",)))}
+    assert names == {f"layers.{i}.{m}" for i in (0, 1)
+                     for m in ("self_attn.q_proj", "mlp.shared_expert.gate_proj")} | {"lm_head"}
+    names = {n for n, _ in quantized_targets(TinyModel(), QuantConfig(8, keep="lm_head"))}
+    assert "embed_tokens" in names and "lm_head" not in names
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate", "layernorm")) for n in names)
 
 
 # ---- QuantExperts -------------------------------------------------------------------------

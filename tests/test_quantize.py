@@ -21,7 +21,8 @@ import torch
 
 import qlite
 from qlite.errors import QliteError
-from qlite.quantize import quantize_checkpoint, quantize_model
+from qlite.quant.swap import quantize_model
+from qlite.quantize import quantize_checkpoint
 
 from conftest import save_tiny
 
@@ -40,10 +41,11 @@ def moe_dir(tmp_path_factory):
 
 
 def _reference(src, bits, group_size, method, symmetric=False, quantize_lm_head=True):
-    """The model quantized in memory by qlite.quant's helpers (not by qlite.quantize), with the
-    unquantized tensors rounded through bfloat16 as the checkpoint stores them."""
+    """The model quantized in memory by qlite.quant's modules, module by module here (not by
+    qlite.quantize nor quant/swap.py's rule), with the unquantized tensors rounded through
+    bfloat16 as the checkpoint stores them."""
     from qlite.model import Experts
-    from qlite.quant import QuantExperts, quantize_model_linears
+    from qlite.quant import QuantExperts, QuantLinear
     model = qlite.load(src, dtype="float32")
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -52,8 +54,13 @@ def _reference(src, bits, group_size, method, symmetric=False, quantize_lm_head=
                     not (name.endswith("weight") and _is_quantized_linear(model, name,
                                                                            quantize_lm_head)):
                 p.data = p.bfloat16().float()  # fresh (aligned) memory, as the loader's cast makes
-    quantize_model_linears(model, bits, group_size or 128, method, symmetric,
-                           quantize_lm_head=quantize_lm_head)
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and _is_quantized_linear(model, name + ".weight",
+                                                                          quantize_lm_head)]
+    for name, linear in linears:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                QuantLinear.from_linear(linear, bits, group_size or 128, method, symmetric, name))
     for layer in model.model.layers:
         if isinstance(getattr(layer.mlp, "experts", None), Experts):
             layer.mlp.experts = QuantExperts.from_experts(layer.mlp.experts, bits, group_size or 128,
@@ -174,11 +181,11 @@ def _no_leftovers(parent):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=3), "--bits 3"),
-    (dict(bits=4, group_size=48), "--group-size 48"),
+    (dict(bits=3), "bits 3"),
+    (dict(bits=4, group_size=48), "group_size 48"),
     (dict(bits=4, group_size=128), "does not divide the input dimension 64"),
-    (dict(bits=4, method="gptq"), "--method 'gptq'"),
-    (dict(bits=4, keep_16bit="router"), "--keep-16bit 'router'"),
+    (dict(bits=4, method="gptq"), "method 'gptq'"),
+    (dict(bits=4, keep_16bit="router"), "keep_16bit 'router'"),
 ])
 def test_bad_options_write_nothing(tiny_dense, tmp_path, kwargs, match):
     with pytest.raises(QliteError, match=match):
@@ -274,8 +281,9 @@ def test_gguf_source(tmp_path):
 MEMORY_SCRIPT = """
 import json, resource, sys
 import torch
-from qlite.quantize import quantize_checkpoint, quantize_matrix
-quantize_matrix(torch.randn(64, 128), 4, 128, "hqq", False)  # lazy imports, allocator warm-up
+from qlite.quant.swap import QuantConfig, quantize_matrix
+from qlite.quantize import quantize_checkpoint
+quantize_matrix(torch.randn(64, 128), QuantConfig(4, 128))  # lazy imports, allocator warm-up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 quantize_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]), 128, sys.argv[4])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

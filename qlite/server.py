@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from qlite.errors import QliteError
-from qlite.generate import PREFILL_CHUNK, SamplingParams, sample
+from qlite.config import PREFILL_CHUNK
+from qlite.generate import SamplingParams, sample
 
 MAX_QUEUE = 64  # requests waiting for a row beyond those in the batch; more get a 503
 
@@ -142,9 +143,10 @@ class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = MAX_QUEUE):
         if model.tokenizer is None:
             raise QliteError(f"{model.model_dir}: no tokenizer.json, cannot serve text")
-        if max_batch < 1 or max_queue < 0:
-            raise QliteError(f"--max-batch {max_batch} / --max-queue {max_queue}: "
-                             "need at least 1 row and a queue of 0 or more")
+        if max_batch < 1:
+            raise QliteError(f"max_batch {max_batch}: need at least 1 row")
+        if max_queue < 0:
+            raise QliteError(f"max_queue {max_queue}: must be 0 or more")
         self.model = model
         self.tokenizer = model.tokenizer
         self.stop_ids = set(self.tokenizer.stop_ids)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from markdown_it import MarkdownIt
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -29,6 +30,7 @@ from textual.widgets.option_list import Option
 
 import qlite
 from qlite.errors import QliteError
+from qlite.generate import sampling_params
 from qlite.history import DEFAULT_SETTINGS, History, title_from
 
 KEYS = [
@@ -232,6 +234,20 @@ class Settings:
         return {"temperature": self.temperature, "top_p": self.top_p,
                 "max_tokens": self.max_tokens}
 
+    def check(self, max_context: int | None = None):
+        """Raise ValueError, naming the field as the dialog does, for a value generate would
+        refuse (qlite's SamplingParams decides) or a reply longer than the context window."""
+        labels = {"temperature": "temperature", "top_p": "top-p", "max_new_tokens": "max tokens"}
+        try:
+            qlite.SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                                 max_new_tokens=self.max_tokens)
+        except QliteError as e:  # "top_p 0.0: ..." -> "top-p 0.0: ..."
+            name, _, rest = str(e).partition(" ")
+            raise ValueError(f"{labels.get(name, name)} {rest}") from None
+        if max_context is not None and self.max_tokens > max_context:
+            raise ValueError(f"max tokens {self.max_tokens}: the context window is "
+                             f"{max_context} tokens")
+
 
 class SettingsScreen(ModalScreen[Settings | None]):
     """System prompt and sampling settings of the current conversation."""
@@ -276,24 +292,23 @@ class SettingsScreen(ModalScreen[Settings | None]):
             settings = Settings(
                 system=self.query_one("#system", TextArea).text.strip(),
                 temperature=parse_number(self.query_one("#temperature", Input).value,
-                                         "temperature", 0.0, 5.0),
-                top_p=parse_number(self.query_one("#top_p", Input).value, "top-p", 0.01, 1.0),
-                max_tokens=int(parse_number(self.query_one("#max_tokens", Input).value,
-                                            "max tokens", 1, self.max_context, integer=True)))
+                                         "temperature"),
+                top_p=parse_number(self.query_one("#top_p", Input).value, "top-p"),
+                max_tokens=parse_number(self.query_one("#max_tokens", Input).value,
+                                        "max tokens", integer=True))
+            settings.check(self.max_context)
         except ValueError as e:
             self.query_one("#settings-error", Label).update(str(e))
             return
         self.dismiss(settings)
 
 
-def parse_number(text: str, name: str, low: float, high: float, integer: bool = False):
+def parse_number(text: str, name: str, integer: bool = False):
+    """A number typed into the settings; its range is SamplingParams' to check."""
     try:
-        value = int(text) if integer else float(text)
+        return int(text) if integer else float(text)
     except ValueError:
         raise ValueError(f"{name}: {text!r} is not a{'n integer' if integer else ' number'}")
-    if not low <= value <= high:
-        raise ValueError(f"{name}: {value} is outside {low}..{high}")
-    return value
 
 
 class SearchScreen(ModalScreen[int | None]):
@@ -396,6 +411,21 @@ class ConversationList(ListView):
             self.index = 0
 
 
+def reply_parser() -> MarkdownIt:
+    """Markdown as chat models write it: a line break is a line break, not the space of a
+    CommonMark soft break that would run "1\n2\n3" into "1 2 3" (code blocks and lists are
+    untouched: their lines are not soft breaks)."""
+    def hard_breaks(state):
+        for token in state.tokens:
+            for child in token.children or ():
+                if child.type == "softbreak":
+                    child.type = "hardbreak"
+
+    md = MarkdownIt("gfm-like")
+    md.core.ruler.push("hard_breaks", hard_breaks)
+    return md
+
+
 class MessageBox(Vertical):
     """One message: who said it, then the text. Replies are Markdown; your own messages are
     shown as typed (line breaks and pasted code kept), as most chat apps do."""
@@ -412,7 +442,7 @@ class MessageBox(Vertical):
         if self.role == "user":
             yield Static(self.content, classes="text", markup=False)
         else:
-            yield Markdown(self.content)
+            yield Markdown(self.content, parser_factory=reply_parser)
 
     @property
     def text(self) -> str:
@@ -586,7 +616,7 @@ class ChatScreen(Screen):
             return 0
         tok = self.model.tokenizer
         try:
-            return len(tok.encode(tok.render_chat(messages, add_generation_prompt=False)))
+            return len(tok.encode_chat(messages, add_generation_prompt=False))
         except QliteError:
             return 0
 
@@ -940,12 +970,13 @@ class ChatScreen(Screen):
                 self.notify(f"temperature {self.settings.temperature}")
                 return
             try:
-                value = parse_number(arg, "temperature", 0.0, 5.0)
+                settings = Settings(self.settings.system, parse_number(arg, "temperature"),
+                                    self.settings.top_p, self.settings.max_tokens)
+                settings.check()
             except ValueError as e:
                 self.notify(str(e), severity="error")
                 return
-            await self.apply_settings(Settings(self.settings.system, value,
-                                               self.settings.top_p, self.settings.max_tokens))
+            await self.apply_settings(settings)
         elif name == "/clear":
             await self.stop_if_replying()
             if self.conversation_id is not None:
@@ -1028,17 +1059,20 @@ class ChatApp(App):
         self.history: History | None = None
         self.volatile = volatile
         self.loader = loader or qlite.load
+        sampling_params(**sampling)  # a bad fixed value fails here, before any loading
         self.sampling = sampling  # fixed extras for generate: top_k, repetition_penalty, seed
         self.model = None
         self.chat_screen: ChatScreen | None = None
         self.load_thread: threading.Thread | None = None
         self.closing = threading.Event()  # tells the loading thread to give up
+        self.load_error: str | None = None  # why the model (or the history) did not load
 
     def on_mount(self):
         try:
             self.history = (self.history_spec if isinstance(self.history_spec, History)
                             else History(self.history_spec))
         except QliteError as e:
+            self.load_error = str(e)
             self.push_screen(LoadingScreen(f"Loading {self.model_spec}"))
             self.screen.show_error(str(e))
             return
@@ -1096,6 +1130,7 @@ class ChatApp(App):
 
     async def loaded(self, model, error: str | None):
         if error is not None:
+            self.load_error = error
             self.screen.show_error(error)
             return
         self.model = model
@@ -1117,15 +1152,18 @@ class ChatApp(App):
 
 
 def main(model="demo", device=None, dtype=None, context: int | None = None,
-         load_options: dict | None = None, **options):
-    """`qlite chat`: run the chat on `model` (a directory, or "demo").
+         load_options: dict | None = None, **options) -> str | None:
+    """`qlite chat`: run the chat on `model` (a directory, or "demo"). Returns None, or why
+    the model did not load (the caller exits non-zero with it).
 
     load_options: more keyword arguments of qlite.load (backend, gpu_budget, expert_slots,
     prefetch...). options: `history` (path of the SQLite file; default under
     $XDG_DATA_HOME/qlite), and fixed sampling extras passed to every generate call (top_k,
     repetition_penalty, seed)."""
-    ChatApp(model, device=device, dtype=dtype, context=context, load_options=load_options,
-            **options).run()
+    app = ChatApp(model, device=device, dtype=dtype, context=context, load_options=load_options,
+                  **options)
+    app.run()
+    return app.load_error
 
 
 if __name__ == "__main__":
@@ -1137,5 +1175,7 @@ if __name__ == "__main__":
     parser.add_argument("--context", type=int, default=None)
     parser.add_argument("--history", default=None, help="SQLite file of the conversations")
     args = parser.parse_args()
-    main(args.model, device=args.device, dtype=args.dtype, context=args.context,
-         history=args.history)
+    error = main(args.model, device=args.device, dtype=args.dtype, context=args.context,
+                 history=args.history)
+    if error:
+        raise SystemExit(f"qlite: error: {error}")

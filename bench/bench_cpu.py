@@ -177,7 +177,7 @@ def make(name, model_dir, gguf, threads, ctx):
         if "-int" in name:
             from qlite.quant.swap import quantize_model
             bits = 8 if "int8" in name else 4
-            quantize_model(model, bits=bits, group_size=128, method="rtn")
+            quantize_model(model, bits=bits, group_size=128 if bits == 4 else None, method="rtn")
         if name.endswith("-torchops"):
             return (lambda ids, d: without_c_kernel(run_qlite, model, ids, d)), model
         return (lambda ids, d: run_qlite(model, ids, d)), model

@@ -233,6 +233,9 @@ def describe(path) -> str:
     from collections import Counter
     from qlite.config import load_config
     model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise QliteError(f"{model_dir}: not a model directory (qlite inspect reads a directory "
+                         "holding config.json and *.safetensors)")
     cfg = load_config(model_dir)
     tensors = read_checkpoint(model_dir)
     params = Counter()

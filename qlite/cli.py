@@ -16,20 +16,27 @@ SERVE_CONTEXT = 4096  # qlite serve's --context unless given (each batch row cac
 def progress_printer(stream=None):
     """A progress callback drawing one updating line per stage on `stream` (default: the
     sys.stderr of the moment it is called): percent, bytes (or counts), tensors when the job
-    gives them (`qlite quantize` does), and an ETA."""
-    state = {"stage": None, "t0": 0.0, "t": 0.0}
+    gives them (`qlite quantize` does), and an ETA. When the stream is not a terminal (a log
+    file, a pipe) there is no carriage return: one plain line per quarter of each stage."""
+    state = {"stage": None, "t0": 0.0, "t": 0.0, "quarter": -1}
 
     def show(stage: str, done: int, total: int, tensors=None):
         out = stream or sys.stderr
+        tty = getattr(out, "isatty", lambda: False)()
         now = time.monotonic()
         if stage != state["stage"]:
-            if state["stage"] is not None:
+            if state["stage"] is not None and tty:
                 out.write("\n")
-            state.update(stage=stage, t0=now, t=0.0)
-        elif done < total and now - state["t"] < 0.1:
+            state.update(stage=stage, t0=now, t=0.0, quarter=-1)
+        elif tty and done < total and now - state["t"] < 0.1:
             return
+        quarter = 4 if done >= total else int(4 * done / total) if total else 0
+        if not tty:
+            if quarter == state["quarter"]:
+                return
+            state["quarter"] = quarter
         state["t"] = now
-        line = f"\r{stage}: {100.0 * done / total if total else 100.0:5.1f}%"
+        line = f"{stage}: {100.0 * done / total if total else 100.0:5.1f}%"
         if tensors:
             line += f"  {tensors[0]}/{tensors[1]} tensors"
         line += (f"  {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB" if total > 2**20
@@ -38,9 +45,10 @@ def progress_printer(stream=None):
         if 0 < done < total and elapsed > 1:
             eta = elapsed * (total - done) / done
             line += f"  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-        out.write(line + "   ")
+        out.write(f"\r{line}   " if tty else line + "\n")
         if done >= total:
-            out.write("\n")
+            if tty:
+                out.write("\n")
             state["stage"] = None
         out.flush()
 
@@ -58,8 +66,8 @@ def _add_model_args(p):
     p.add_argument("--bnb-bits", type=int, default=4, choices=[4, 8],
                    help="with --backend bnb: NF4 (4) or int8 (8)")
     p.add_argument("--gpu-budget", default=None,
-                   help="MoE: device memory for everything, e.g. 24GiB; routed experts beyond "
-                        "it stay in CPU memory and are cached on the device")
+                   help="MoE: device memory for everything, with a unit (24GiB, 24GB); routed "
+                        "experts beyond it stay in CPU memory and are cached on the device")
     p.add_argument("--expert-slots", type=int, default=None,
                    help="MoE: cached experts per layer (overrides the planner)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
@@ -85,9 +93,12 @@ def _add_sampling_args(p):
 
 
 def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, stop=args.stop)
+    """The sampling options, checked (SamplingParams) before any model is loaded."""
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   seed=args.seed, stop=args.stop)
+    SamplingParams(**options)
+    return options
 
 
 def _load(args):
@@ -103,8 +114,9 @@ def _print_offload_stats(model, stream=sys.stdout):
 
 
 def cmd_generate(args):
+    sampling = _sampling(args)
     model = _load(args)
-    gen = model.generate(args.prompt, raw=args.raw, **_sampling(args))
+    gen = model.generate(args.prompt, raw=args.raw, **sampling)
     for piece in gen:
         print(piece, end="", flush=True)
     print()
@@ -113,11 +125,19 @@ def cmd_generate(args):
     print(gen.stats.summary())
 
 
+REPL_COMMANDS = {"/quit": "leave (also /exit, an empty line or Ctrl-D)",
+                 "/reset": "forget the conversation (the system prompt stays)",
+                 "/help": "this list"}
+
+
 def cmd_repl(args):
-    """A plain-text chat loop (the Textual TUI is `qlite chat`)."""
+    """A plain-text chat loop (the Textual TUI is `qlite chat`). A line that is one /word is a
+    command, never chat text; "//text" sends "/text"."""
+    sampling = _sampling(args)
     model = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("qlite repl: empty line or Ctrl-D to quit", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print("qlite repl: /help for commands; empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -125,8 +145,24 @@ def cmd_repl(args):
             break
         if not line.strip():
             break
+        word = line.strip()
+        if re.fullmatch(r"/[A-Za-z]+", word):
+            if word in ("/quit", "/exit"):
+                break
+            if word == "/reset":
+                messages = list(system)
+                print("[conversation cleared]", file=sys.stderr)
+            elif word == "/help":
+                for name, what in REPL_COMMANDS.items():
+                    print(f"  {name:<8}{what}", file=sys.stderr)
+                print("  //text  sends /text as a message", file=sys.stderr)
+            else:
+                print(f"[{word}: unknown command; try /help]", file=sys.stderr)
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         messages.append({"role": "user", "content": line})
-        gen = model.generate(messages, **_sampling(args))
+        gen = model.generate(messages, **sampling)
         reply = ""
         try:
             for piece in gen:
@@ -145,10 +181,17 @@ def cmd_repl(args):
 
 
 def cmd_chat(args):
+    from qlite.loader import resolve_device, resolve_model_dir
     from qlite.tui import main as tui_main
     options = _load_options(args)
-    tui_main(args.model, device=options.pop("device"), dtype=options.pop("dtype"),
-             context=options.pop("context"), load_options=options)
+    resolve_device(options["device"])  # what can be checked before the app starts
+    if args.model != "demo":
+        from qlite.config import load_config
+        load_config(resolve_model_dir(args.model))
+    error = tui_main(args.model, device=options.pop("device"), dtype=options.pop("dtype"),
+                     context=options.pop("context"), load_options=options)
+    if error:  # the model did not load: the app showed why; say it again here, exit non-zero
+        raise QliteError(error)
 
 
 def cmd_serve(args):
@@ -233,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="model directory (safetensors), .gguf file, or demo")
     p.add_argument("out", help="new model directory")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size: 32, 64, 128 (default 128; int8 is per channel)")
     p.add_argument("--method", default=None, help="rtn or hqq (default: the best available)")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
     p.add_argument("--keep-16bit", default="embed",
@@ -245,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or config.json")
     p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16])
     p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--gpu-budget", default=None, help="e.g. 24GiB")
+    p.add_argument("--gpu-budget", default=None, help="with a unit: 24GiB or 24GB")
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--expert-slots", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
@@ -292,9 +336,26 @@ def _subparsers(parser):
             yield from action.choices.values()
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--gpu-budget -5GiB` as `--gpu-budget=-5GiB`: argparse takes a value that starts with
+    '-' and is not a plain number for an option, and would say only "expected one argument";
+    joined, the value reaches its check, which says what is wrong with it."""
+    out, i = [], 0
+    while i < len(argv):
+        if (argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv)
+                and re.match(r"-[0-9.]", argv[i + 1])):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(_join_negative_values(argv))
     warnings.showwarning = _show_warning
     try:
         args.func(args)

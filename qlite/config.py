@@ -6,6 +6,7 @@ Both key styles found in the wild are read here and nowhere else: transformers 4
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,20 +90,21 @@ class Config:
         return d
 
 
-def _rope_theta(raw: dict) -> float | None:
+def _rope_theta(raw: dict):
     if "rope_theta" in raw:
-        return float(raw["rope_theta"])
-    params = raw.get("rope_parameters") or {}
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    return None
+        return raw["rope_theta"]
+    return (raw.get("rope_parameters") or {}).get("rope_theta")
 
 
 def config_from_dict(raw: dict, source: str = "config.json") -> Config:
-    """Build a Config from a parsed config.json; `source` names the file in errors."""
+    """Build a Config from a parsed config.json; `source` names the file in errors. Every size
+    is checked here (a positive integer), so a bad field is named before any tensor is made."""
+    if not isinstance(raw, dict):
+        raise QliteError(f"{source}: not a JSON object of settings (found a "
+                         f"{type(raw).__name__})")
     archs = raw.get("architectures") or []
-    arch = archs[0] if archs else {"qwen2": "Qwen2ForCausalLM",
-                                   "qwen2_moe": "Qwen2MoeForCausalLM"}.get(raw.get("model_type"))
+    arch = archs[0] if isinstance(archs, list) and archs else {
+        "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}.get(raw.get("model_type"))
     if arch not in ARCHITECTURES:
         raise QliteError(f"{source}: unsupported architecture {arch or raw.get('model_type')!r} "
                          f"(qlite runs {', '.join(ARCHITECTURES)})")
@@ -115,44 +117,68 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Config:
         raise QliteError(f"{source}: use_sliding_window=true (sliding_window="
                          f"{raw.get('sliding_window')}) is not supported yet")
 
-    def need(key):
-        if raw.get(key) is None:
+    def integer(key, low=1, default=None):
+        value = raw.get(key, default)
+        if value is None:
             raise QliteError(f"{source}: missing field {key!r}")
-        return raw[key]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise QliteError(f"{source}: {key}={value!r} must be an integer >= {low}")
+        return value
 
-    heads = int(need("num_attention_heads"))
+    def positive(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise QliteError(f"{source}: {key}={value!r} must be a positive number")
+        return float(value)
+
+    heads = integer("num_attention_heads")
     eos = raw.get("eos_token_id")
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else eos)
+    if not isinstance(eos, list) or not all(isinstance(i, int) and i >= 0 for i in eos):
+        raise QliteError(f"{source}: eos_token_id={raw.get('eos_token_id')!r} must be a token id "
+                         "or a list of them")
+    moe = arch == "Qwen2MoeForCausalLM"
     cfg = Config(
         architecture=arch,
-        vocab_size=int(need("vocab_size")),
-        hidden_size=int(need("hidden_size")),
-        intermediate_size=int(need("intermediate_size")),
-        num_hidden_layers=int(need("num_hidden_layers")),
+        vocab_size=integer("vocab_size"),
+        hidden_size=integer("hidden_size"),
+        intermediate_size=integer("intermediate_size", low=0 if moe else 1),
+        num_hidden_layers=integer("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(raw) or 10000.0,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        num_key_value_heads=integer("num_key_value_heads", default=heads),
+        rms_norm_eps=positive("rms_norm_eps", raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=positive("rope_theta", _rope_theta(raw) or 10000.0),
+        max_position_embeddings=integer("max_position_embeddings", default=32768),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        eos_token_id=list(eos),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
         quantization=raw.get("quantization"),
     )
+    if cfg.quantization is not None and not isinstance(cfg.quantization, dict):
+        raise QliteError(f"{source}: quantization={cfg.quantization!r} must be an object")
     if cfg.hidden_size % heads or heads % cfg.num_key_value_heads:
         raise QliteError(f"{source}: num_attention_heads={heads} must divide hidden_size="
                          f"{cfg.hidden_size} and be a multiple of num_key_value_heads="
                          f"{cfg.num_key_value_heads}")
     if cfg.is_moe:
-        cfg.num_experts = int(need("num_experts"))
-        cfg.num_experts_per_tok = int(need("num_experts_per_tok"))
-        cfg.moe_intermediate_size = int(need("moe_intermediate_size"))
-        cfg.shared_expert_intermediate_size = int(raw.get("shared_expert_intermediate_size") or 0)
+        cfg.num_experts = integer("num_experts")
+        cfg.num_experts_per_tok = integer("num_experts_per_tok")
+        if cfg.num_experts_per_tok > cfg.num_experts:
+            raise QliteError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} is more "
+                             f"than num_experts={cfg.num_experts}")
+        cfg.moe_intermediate_size = integer("moe_intermediate_size")
+        cfg.shared_expert_intermediate_size = integer("shared_expert_intermediate_size", low=0,
+                                                      default=0)
         cfg.norm_topk_prob = bool(raw.get("norm_topk_prob", False))
-        cfg.decoder_sparse_step = int(raw.get("decoder_sparse_step", 1))
-        cfg.mlp_only_layers = list(raw.get("mlp_only_layers") or [])
-        if cfg.decoder_sparse_step < 1:
-            raise QliteError(f"{source}: decoder_sparse_step must be >= 1")
+        cfg.decoder_sparse_step = integer("decoder_sparse_step", default=1)
+        layers = raw.get("mlp_only_layers") or []
+        if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+            raise QliteError(f"{source}: mlp_only_layers={layers!r} must be a list of layer "
+                             "numbers")
+        cfg.mlp_only_layers = list(layers)
     return cfg
 
 
@@ -163,7 +189,16 @@ def load_config(path: str | Path) -> Config:
     if not file.is_file():
         raise QliteError(f"{file}: no config.json found (is this a model directory?)")
     try:
-        raw = json.loads(file.read_text())
+        data = file.read_bytes()
+    except OSError as e:
+        raise QliteError(f"{file}: cannot read ({e.strerror})") from None
+    if data[:4] == b"GGUF":
+        raise QliteError(f"{file}: a GGUF file, not a config.json (convert it first: "
+                         f"qlite convert-gguf {file} OUT)")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise QliteError(f"{file}: not a config.json (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise QliteError(f"{file}: not valid JSON ({e})") from None
     return config_from_dict(raw, str(file))

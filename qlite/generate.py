@@ -5,6 +5,7 @@ user stop strings removed); afterwards `.stats` holds token counts and speeds.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from qlite.errors import QliteError
 
 @dataclass
 class SamplingParams:
-    """Defaults are the ones Qwen2.5 publishes in its generation_config.json."""
+    """Defaults are the ones Qwen2.5 publishes in its generation_config.json. Every value is
+    checked when the object is made (before any model work): a QliteError names the parameter."""
     max_new_tokens: int = 512
     temperature: float = 0.7      # 0 = greedy
     top_k: int = 20               # 0 = off
@@ -25,6 +27,34 @@ class SamplingParams:
     repetition_penalty: float = 1.05
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+        def bad(name, rule):  # the parameter first: the CLI writes its flag there
+            raise QliteError(f"{name} {getattr(self, name)!r}: {rule}")
+
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def integer(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not (integer(self.max_new_tokens) and self.max_new_tokens >= 1):
+            bad("max_new_tokens", "must be an integer >= 1")
+        if not (number(self.temperature) and self.temperature >= 0):
+            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not (integer(self.top_k) and self.top_k >= 0):
+            bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            bad("top_p", "must be a number in (0, 1] (1 = off)")
+        if not (number(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if self.seed is not None and not integer(self.seed):
+            bad("seed", "must be an integer")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise QliteError(f"stop {s!r}: a stop string must be non-empty text")
 
 
 @dataclass
@@ -86,7 +116,7 @@ def fit_chat(tokenizer, messages: list[dict], context: int, reserve: int):
     messages = list(messages)
     dropped = 0
     while True:
-        ids = tokenizer.encode(tokenizer.render_chat(messages))
+        ids = tokenizer.encode_chat(messages)
         first = 1 if messages and messages[0]["role"] == "system" else 0
         if len(ids) + reserve <= context or len(messages) - first <= 1:
             return ids, dropped
@@ -199,6 +229,15 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return max(n, 0)
 
 
+def sampling_params(**sampling) -> SamplingParams:
+    """SamplingParams from keyword arguments; an unknown name is a QliteError too."""
+    names = SamplingParams.__dataclass_fields__
+    for name in sampling:
+        if name not in names:
+            raise QliteError(f"{name}: not a sampling parameter (they are {', '.join(names)})")
+    return SamplingParams(**sampling)
+
+
 def generate(model, prompt, *, raw: bool = False, cancel: threading.Event | None = None,
              **sampling) -> Generation:
     """Stream a reply. `prompt` is a list of chat messages ({"role", "content"}), or a string
@@ -206,8 +245,7 @@ def generate(model, prompt, *, raw: bool = False, cancel: threading.Event | None
     tok = model.tokenizer
     if tok is None:
         raise QliteError(f"{model.model_dir}: no tokenizer.json, cannot generate text")
-    params = SamplingParams(**sampling)
-    params.stop = tuple(params.stop)
+    params = sampling_params(**sampling)
     if raw:
         return Generation(model, tok.encode(prompt), params, cancel)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

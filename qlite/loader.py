@@ -28,6 +28,22 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _QUANT_PARAMS = (".scales", ".zeros")
 
 
+def resolve_device(device) -> torch.device:
+    """The device to run on: "cpu", "cuda" or "cuda:N"; None is cuda when there is one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise QliteError(f"device {str(device)!r}: choose cpu or cuda (cuda:N for one GPU of "
+                         "several)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QliteError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return dev
+
+
 def resolve_model_dir(path, progress: Progress | None = None) -> Path:
     if str(path) == "demo":
         from qlite.pull import pull_demo
@@ -99,13 +115,14 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
     `gpu_budget` (bytes or "24GiB") or `expert_slots` keep the routed experts of an MoE model
     in CPU memory with a device cache of experts (see qlite/offload.py).
     `backend="bnb"` swaps in bitsandbytes NF4 (`bnb_bits=4`) or int8 linears: the baseline."""
+    device = resolve_device(device)
+    if backend not in ("qlite", "bnb"):
+        raise QliteError(f"backend {backend!r}: choose qlite or bnb")
     model_dir = resolve_model_dir(path, progress)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QliteError(f"device {device}: CUDA is not available on this machine")
     config = load_config(model_dir)
+    if backend == "bnb" and config.quantization:
+        raise QliteError(f"{model_dir}: already quantized (int{config.quantization.get('bits')} "
+                         "by qlite quantize); the bnb backend quantizes a 16-bit checkpoint")
     dtype = resolve_dtype(dtype, device, quantized=bool(config.quantization))
     offload = (gpu_budget is not None or expert_slots is not None)
     if offload:
@@ -129,8 +146,6 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
     if backend == "bnb":
         from qlite.bnb import to_bitsandbytes
         to_bitsandbytes(model, bits=bnb_bits)
-    elif backend != "qlite":
-        raise QliteError(f"backend {backend!r}: choose qlite or bnb")
     if offload:
         offload_experts(model, plan, prefetch=prefetch)
     model.tie_weights()

@@ -32,14 +32,18 @@ ALIGN = 64  # bytes: every per-expert tensor starts on a 64-byte boundary in a s
 
 
 def parse_bytes(value, option: str = "gpu_budget") -> int:
-    """24GiB, 24GB, 1.5G (decimal unless 'iB'), or a plain number of bytes."""
+    """24GiB, 24GB, 1.5G (decimal unless 'iB'), or an int of bytes. A string needs its unit:
+    a bare "24" is refused (bytes? GiB?) rather than guessed."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         n = int(value)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _UNITS:
-            raise QliteError(f"{option} {value!r}: write a size like 24GiB, 16GB or 8000000000")
+            raise QliteError(f"{option} {value!r}: write a size like 24GiB or 16GB")
+        if not unit:
+            raise QliteError(f"{option} {value!r}: give a unit, e.g. {m.group(1)}GiB "
+                             f"(2^30 bytes) or {m.group(1)}GB (10^9 bytes)")
         n = int(float(m.group(1)) * _UNITS[unit])
     if n <= 0:
         raise QliteError(f"{option} {value!r}: must be positive")
@@ -73,6 +77,7 @@ class Plan:
     slots: int                     # cached experts per MoE layer
     minimum: int                   # the smallest budget that runs (one slot per MoE layer)
     embed_on_cpu: bool = False
+    embed_bytes: int = 0           # the embedding, when the plan may keep it in host memory
     slots_from_budget: bool = False  # not named by --expert-slots: re-derive from real bytes
     prefill_chunk: int = PREFILL_CHUNK
     notes: list[str] = field(default_factory=list)
@@ -175,14 +180,16 @@ def make_plan(cfg: Config, gpu_budget=None, expert_slots: int | None = None, con
     parts, expert = estimate_parts(cfg, bits, group, act, context, keep, sym)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     budget = None if gpu_budget is None else parse_bytes(gpu_budget)
-    # An untied embedding is a row lookup per token: off the GPU it frees its bytes for experts.
-    embed_on_cpu = (device.type == "cuda" and "embedding" in parts
-                    and (budget is None or budget < sum(parts.values())
-                         + moe_layers * cfg.num_experts * expert))
-    if embed_on_cpu:
-        parts.pop("embedding")
+    # An untied embedding is a row lookup per token: off the GPU it frees its bytes for
+    # experts. The smallest budget assumes it off; it stays on only when everything fits.
+    embed = parts.pop("embedding", 0) if device.type == "cuda" else 0
     fixed = sum(parts.values())
     minimum = fixed + moe_layers * expert
+    embed_on_cpu = embed > 0 and (budget is None
+                                  or budget < fixed + embed + moe_layers * cfg.num_experts * expert)
+    if embed and not embed_on_cpu:
+        parts["embedding"] = embed
+        fixed += embed
     if expert_slots is not None:
         if not 1 <= expert_slots <= cfg.num_experts:
             raise QliteError(f"expert_slots {expert_slots}: must be between 1 and the "
@@ -203,7 +210,7 @@ def make_plan(cfg: Config, gpu_budget=None, expert_slots: int | None = None, con
         slots = cfg.num_experts
     return Plan(device=device, budget=budget, context=context, bits=bits, parts=parts,
                 expert_bytes=expert, moe_layers=moe_layers, num_experts=cfg.num_experts,
-                slots=int(slots), minimum=minimum, embed_on_cpu=embed_on_cpu,
+                slots=int(slots), minimum=minimum, embed_on_cpu=embed_on_cpu, embed_bytes=embed,
                 slots_from_budget=expert_slots is None and budget is not None)
 
 
@@ -226,10 +233,10 @@ def plan_table(plan: Plan, name: str = "model") -> str:
               f"experts resident: {resident} of {all_experts} "
               f"({100 * resident / all_experts:.0f}%), {fmt_bytes(plan.expert_bytes)} each",
               f"host memory (pinned): routed experts {fmt_bytes(plan.host_expert_bytes)}"
-              + (", embedding" if plan.embed_on_cpu else ""),
+              + (f", embedding {fmt_bytes(plan.embed_bytes)}" if plan.embed_on_cpu else ""),
               f"smallest budget that runs (1 slot per layer): {fmt_bytes(plan.minimum)}",
               f"all experts resident from: "
-              f"{fmt_bytes(plan.fixed_bytes + all_experts * plan.expert_bytes)}"]
+              f"{fmt_bytes(plan.minimum + (all_experts - plan.moe_layers) * plan.expert_bytes)}"]
     return "\n".join(lines)
 
 

@@ -156,15 +156,15 @@ def _source_of(src_dir: Path, work: Path, progress) -> Path:
     return src
 
 
-def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = 128,
+def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
                         method: str = "hqq", keep_16bit=("embed",), force: bool = False,
                         progress: Progress | None = None, symmetric: bool = False,
                         dtype_16bit: str = "bfloat16") -> Path:
     """Quantize the Qwen2 / Qwen2-MoE checkpoint `src` (a model directory with single or
     sharded safetensors, a .gguf file, or "demo") into the new model directory `out`; return it.
 
-    bits 4 (group-wise along the input dimension, `group_size` 32/64/128, asymmetric unless
-    `symmetric`) or 8 (symmetric, per output channel; group_size ignored). `method`: "hqq"
+    bits 4 (group-wise along the input dimension, `group_size` 32/64/128, default 128,
+    asymmetric unless `symmetric`) or 8 (symmetric, per output channel: no group_size). `method`: "hqq"
     (the default) or "rtn". `keep_16bit`: any of "lm_head", "embed" (a list or
     "lm_head,embed"). Bad input raises QliteError before anything is written."""
     q = QuantConfig(bits, group_size, symmetric, method or "hqq", keep_16bit, dtype_16bit)

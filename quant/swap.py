@@ -54,9 +54,10 @@ def _keep_tuple(keep) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a model is quantized. group_size is None for int8 (one scale per output channel)."""
+    """How a model is quantized. group_size: 32, 64 or 128 for int4 (None: 128); None for int8
+    (one scale per output channel), which refuses any other."""
     bits: int = 4
-    group_size: int | None = 128
+    group_size: int | None = None
     symmetric: bool = False
     method: str = "hqq"
     keep: tuple[str, ...] = ("embed",)
@@ -66,6 +67,9 @@ class QuantConfig:
         if self.bits not in BITS:
             raise QliteError(f"bits {self.bits!r}: choose 4 or 8")
         group = None
+        if self.bits == 8 and self.group_size is not None:
+            raise QliteError(f"group_size {self.group_size!r}: int8 has one scale per output "
+                             "channel; a group size is for bits=4 only")
         if self.bits == 4:
             group = 128 if self.group_size is None else self.group_size
             if group not in GROUP_SIZES:
@@ -177,7 +181,7 @@ def quantize_matrix(w: torch.Tensor, q: QuantConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128,
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = None,
                    method: str = "hqq", keep_16bit=("embed",), symmetric: bool = False,
                    dtype_16bit: str | None = None) -> nn.Module:
     """Quantize a loaded 16/32-bit model in memory, in place, with the same rules and quantizer

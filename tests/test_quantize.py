@@ -285,7 +285,8 @@ from qlite.quant.swap import QuantConfig, quantize_matrix
 from qlite.quantize import quantize_checkpoint
 quantize_matrix(torch.randn(64, 128), QuantConfig(4, 128))  # lazy imports, allocator warm-up
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-quantize_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]), 128, sys.argv[4])
+bits = int(sys.argv[3])
+quantize_checkpoint(sys.argv[1], sys.argv[2], bits, 128 if bits == 4 else None, sys.argv[4])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"growth": (after - before) * 1024}))
 """

@@ -381,17 +381,20 @@ def _sampling(body: dict) -> tuple[SamplingParams, int | None, float, float]:
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise ApiError(400, f"'stop' must be a string or an array of strings, got "
                        f"{json.dumps(stop)}", param="stop", code="invalid_type")
-    params = SamplingParams(
-        max_new_tokens=max_tokens or d.max_new_tokens,  # the context's room when left out
-        temperature=_get(body, "temperature", float, d.temperature, lambda v: 0 <= v <= 2,
-                         "must be between 0 and 2"),
-        top_p=_get(body, "top_p", float, d.top_p, lambda v: 0 < v <= 1,
-                   "must be above 0 and at most 1"),
-        top_k=_get(body, "top_k", int, d.top_k, lambda v: v >= 0, "must be 0 (off) or more"),
-        repetition_penalty=_get(body, "repetition_penalty", float, d.repetition_penalty,
-                                lambda v: v > 0, "must be above 0"),
-        seed=_get(body, "seed", int, None),
-        stop=tuple(s for s in stop or () if s))
+    try:  # SamplingParams has the last word on every value
+        params = SamplingParams(
+            max_new_tokens=max_tokens or d.max_new_tokens,  # the context's room when left out
+            temperature=_get(body, "temperature", float, d.temperature, lambda v: 0 <= v <= 2,
+                             "must be between 0 and 2"),
+            top_p=_get(body, "top_p", float, d.top_p, lambda v: 0 < v <= 1,
+                       "must be above 0 and at most 1"),
+            top_k=_get(body, "top_k", int, d.top_k, lambda v: v >= 0, "must be 0 (off) or more"),
+            repetition_penalty=_get(body, "repetition_penalty", float, d.repetition_penalty,
+                                    lambda v: v > 0, "must be above 0"),
+            seed=_get(body, "seed", int, None),
+            stop=tuple(s for s in stop or () if s))
+    except QliteError as e:
+        raise ApiError(400, str(e), param=e.param) from None
     penalties = [_get(body, name, float, 0.0, lambda v: -2 <= v <= 2, "must be between -2 and 2")
                  for name in ("presence_penalty", "frequency_penalty")]
     return params, max_tokens, *penalties
@@ -526,7 +529,7 @@ class Api:
         tokenizer = self.engine.tokenizer
         if chat:
             try:
-                ids = tokenizer.encode(tokenizer.render_chat(_chat_prompt(body)))
+                ids = tokenizer.encode_chat(_chat_prompt(body))  # contents stay text
             except QliteError as e:
                 raise ApiError(400, str(e), param="messages") from None
         else:

@@ -137,6 +137,8 @@ def cmd_repl(args):
     model = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the prompt as U+FFFD
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("qlite repl: /help for commands; empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:

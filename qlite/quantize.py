@@ -164,8 +164,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
     sharded safetensors, a .gguf file, or "demo") into the new model directory `out`; return it.
 
     bits 4 (group-wise along the input dimension, `group_size` 32/64/128, default 128,
-    asymmetric unless `symmetric`) or 8 (symmetric, per output channel: no group_size). `method`: "hqq"
-    (the default) or "rtn". `keep_16bit`: any of "lm_head", "embed" (a list or
+    asymmetric unless `symmetric`) or 8 (symmetric, per output channel: no group_size).
+    `method`: "hqq" (the default) or "rtn". `keep_16bit`: any of "lm_head", "embed" (a list or
     "lm_head,embed"). Bad input raises QliteError before anything is written."""
     q = QuantConfig(bits, group_size, symmetric, method or "hqq", keep_16bit, dtype_16bit)
     q.check_method()

@@ -393,8 +393,8 @@ def _sampling(body: dict) -> tuple[SamplingParams, int | None, float, float]:
                                     lambda v: v > 0, "must be above 0"),
             seed=_get(body, "seed", int, None),
             stop=tuple(s for s in stop or () if s))
-    except QliteError as e:
-        raise ApiError(400, str(e), param=e.param) from None
+    except QliteError as e:  # its message names the parameter first
+        raise ApiError(400, str(e), param=str(e).partition(" ")[0]) from None
     penalties = [_get(body, name, float, 0.0, lambda v: -2 <= v <= 2, "must be between -2 and 2")
                  for name in ("presence_penalty", "frequency_penalty")]
     return params, max_tokens, *penalties

@@ -82,7 +82,8 @@ class _Bounded(ImmutableSandboxedEnvironment):
                 raise SecurityError(f"{left} ** {right} is too big")
         elif isinstance(left, int) and isinstance(right, int):
             pass
-        elif (isinstance(left, int) and hasattr(right, "__len__") and len(right) * left > RENDER_CHARS
+        elif (isinstance(left, int) and hasattr(right, "__len__")
+              and len(right) * left > RENDER_CHARS
               or isinstance(right, int) and hasattr(left, "__len__")
               and len(left) * right > RENDER_CHARS):
             raise SecurityError(f"repeating a sequence past {RENDER_CHARS} items")

@@ -51,7 +51,7 @@ def tiny(tmp_path_factory):
     return path
 
 
-# --- 1. sampling values: checked in SamplingParams, before any model is loaded ---------------
+# --- 1. sampling values: checked in SamplingParams, before any model is loaded -------------------
 
 SAMPLING = [  # (flag, value, the error line after "qlite: error: ")
     ("--top-p", "0", "--top-p 0.0: must be a number in (0, 1] (1 = off)"),
@@ -169,7 +169,7 @@ def test_unknown_device(capsys, tiny):
         qlite.load(tiny, device="tpu")
 
 
-# --- 6. prompts: invalid UTF-8, and special-token text typed by a user ----------------------------
+# --- 6. prompts: invalid UTF-8, and special-token text typed by a user ---------------------------
 
 def test_invalid_utf8_in_a_prompt_becomes_replacement_characters(capsys, tiny):
     # Python reads undecodable argv/stdin/file bytes as lone surrogates (surrogateescape)
@@ -178,6 +178,16 @@ def test_invalid_utf8_in_a_prompt_becomes_replacement_characters(capsys, tiny):
     assert code == 0 and "prompt" in out and "Traceback" not in err
     tok = Tokenizer.from_dir(tiny)
     assert tok.encode("caf\udce9") == tok.encode("caf\ufffd")
+
+
+def test_invalid_utf8_on_the_repl_stdin(capsys, monkeypatch):
+    model = FakeModel()
+    monkeypatch.setattr("qlite.loader.load", lambda *a, **k: model)
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, _, err = run_cli(capsys, "repl")
+    assert code == 0 and "Traceback" not in err
+    assert model.sent == [["caf\udce9 \udcff"]]  # Tokenizer.encode makes them U+FFFD
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +221,7 @@ def test_the_system_prompt_and_earlier_turns_are_protected_too(tok):
     assert tok.decode(ids) == tok.render_chat(chat)
 
 
-# --- 7. chat templates: every failure one line naming tokenizer_config.json, renders bounded ------
+# --- 7. chat templates: every failure one line naming tokenizer_config.json, renders bounded -----
 
 def template_dir(tmp_path, template):
     save_tokenizer(tmp_path)
@@ -266,10 +276,11 @@ def test_template_error_through_the_cli(capsys, tmp_path, tiny):
     shutil.copytree(tiny, model)
     template_dir(model, "{{ 1/0 }}")
     fails_with(capsys, f"{model / 'tokenizer_config.json'}: chat template failed: "
-               "ZeroDivisionError: division by zero", "generate", "--model", model, "--prompt", "hi")
+               "ZeroDivisionError: division by zero",
+               "generate", "--model", model, "--prompt", "hi")
 
 
-# --- 8. commands that did the wrong thing quietly ---------------------------------------------------
+# --- 8. commands that did the wrong thing quietly ------------------------------------------------
 
 def test_chat_with_a_missing_model_exits_non_zero(capsys, tmp_path):
     fails_with(capsys, f"{tmp_path / 'absent'}: no such model directory",
@@ -359,7 +370,7 @@ def test_plan_smallest_budget_is_the_same_for_any_budget_and_the_host_line_is_wh
     assert len({tuple(v) for v in lines.values()}) == 1, lines
 
 
-# --- 9. the chat shows a reply's line breaks as written -------------------------------------------
+# --- 9. the chat shows a reply's line breaks as written ------------------------------------------
 
 def test_reply_line_breaks_are_kept_and_code_and_lists_unchanged():
     from textual.app import App
@@ -388,7 +399,7 @@ def test_reply_line_breaks_are_kept_and_code_and_lists_unchanged():
     assert "x" in texts and "y" in texts  # still two list items
 
 
-# --- 11. progress: no carriage returns into a log ---------------------------------------------
+# --- 11. progress: no carriage returns into a log ------------------------------------------------
 
 class Terminal(io.StringIO):
     def isatty(self):

@@ -333,6 +333,8 @@ def test_group_size_with_int8_is_refused_and_writes_nothing(capsys, tiny, tmp_pa
                "is for bits=4 only",
                "quantize", tiny, tmp_path / "q8", "--bits", "8", "--group-size", "64")
     assert list(tmp_path.iterdir()) == []
+    fails_with(capsys, "--group-size 64: int8 has one scale per output channel; a group size "
+               "is for bits=4 only", "plan", "--model", Q57, "--bits", "8", "--group-size", "64")
 
 
 def test_bnb_backend_on_a_quantized_checkpoint_is_refused(capsys, tiny, tmp_path):

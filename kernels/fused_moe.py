@@ -114,3 +114,16 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int, ou
            w13[2] is not None, x.dtype)
     run(config or pick(key, configs, run))  # config: force one (tests)
     return out
+
+SIGNATURE = dict(a_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16", rw_ptr="*fp32",
+                 sorted_ids_ptr="*i32", expert_ids_ptr="*i32", num_padded_ptr="*i32", num_slots="i32",
+                 N="i32", K="i32", stride_am="i32", stride_qe="i32", stride_se="i32")
+
+
+def sass_cases():
+    c = _CONFIGS[0]
+    return [dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GATE_UP=gu, A_ROW_DIV=8 if gu else 1,
+                 DOT_F32=False, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                 weights_per_iter=c["BLOCK_N"] * c["BLOCK_K"] * (2 if gu else 1),
+                 divisible=("N", "K", "stride_am", "stride_qe", "stride_se"),
+                 label=f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}") for gu in (True, False)]

@@ -72,3 +72,13 @@ def qgemm(x, qweight, scales, zeros, bits: int, group_size: int, out=None, confi
     key = ("qgemm", m_bucket, N, K, bits, group_size, zeros is not None, x.dtype)
     run(config or pick(key, configs, run))  # config: force one (tests)
     return out
+
+SIGNATURE = dict(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16",
+                 M="i32", N="i32", K="i32", stride_xm="i32", stride_om="i32")
+
+
+def sass_cases():
+    return [dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=8, DOT_F32=False,
+                 num_warps=c["num_warps"], num_stages=c["num_stages"], weights_per_iter=c["BLOCK_N"] * c["BLOCK_K"],
+                 divisible=("N", "K", "stride_xm", "stride_om"),
+                 label=f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}") for c in (_CONFIGS[0], _CONFIGS[7])]

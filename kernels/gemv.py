@@ -85,3 +85,13 @@ def qgemv(x, qweight, scales, zeros, bits: int, group_size: int, out=None, confi
     key = ("qgemv", block_m, N, K, bits, group_size, zeros is not None, x.dtype)
     run(config or pick(key, configs, run))  # config: force one (tests)
     return out
+
+SIGNATURE = dict(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16",
+                 M="i32", N="i32", K="i32", stride_xm="i32")
+
+
+def sass_cases():
+    """Constexprs of the configs bench/kernel_sass.py compiles (the first tiles of each M)."""
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, USE_DOT=bm == 16, DOT_F32=False, num_warps=w,
+                 num_stages=3, weights_per_iter=bn * bk, divisible=("N", "K", "stride_xm"),
+                 label=f"M{bm}-{bn}x{bk}") for bm in (1, 4, 16) for bn, bk, w in _TILES[:3]]

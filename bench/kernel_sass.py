@@ -5,9 +5,9 @@ in the triton wheel, and summed up per kernel x config x format:
     regs     registers per thread            stack  stack frame bytes (> 0: local memory)
     spill    STL/LDL instructions             smem   shared memory bytes (triton's allocation)
     loop     instructions in the main loop    ldg    global loads in the main loop, by width
-    w128     bytes of the main loop's loads that are 128 bits wide, per weight byte it must read
-    narrow   bytes of its narrower loads, per weight byte: below 1, the weights (one tl.load,
-             one width) cannot be among them, so they arrive 16 bytes at a time
+    w128     bytes the main loop reads through 16-byte weight loads, per weight byte: 1.0 = every
+             weight arrives 16 bytes at a time (weight loads are told apart by compiling again
+             with the weight pointer not known to be aligned: the 128-bit loads that vanish)
     i/w      instructions per weight: loop instructions x threads / weights per iteration
 
 i/w is the number that decides a decode kernel: an H200 issues ~30 T thread-instructions/s
@@ -72,9 +72,13 @@ def cases(dtypes=("bfloat16",)):
             fmt = _fmt_name(bits, group, zeros)
             w = "*u8" if bits == 4 else "*i8"
             fmt_c = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros)
-            for c in gemv.sass_cases():
-                sig = dict(gemv.SIGNATURE, x_ptr=a, qw_ptr=w, out_ptr="*fp32" if c.get("SPLIT_K", 1) > 1 else a)
-                out.append(_case("qgemv", "gemv.qgemv_kernel", fmt, dt, sig, {**fmt_c, **c}, bits))
+            for c in gemv.sass_cases(bits, group):
+                c = dict(c)
+                kernel = c.pop("kernel")
+                c.update({k: v for k, v in dict(F16=dt == "float16", DOT_F32=dt == "float32",
+                                                PAIRS=dt != "float32").items() if k in c})
+                sig = dict(gemv.SIGNATURE, x_ptr=a, qw_ptr=w, out_ptr=a)
+                out.append(_case("qgemv", "gemv." + kernel, fmt, dt, sig, {**fmt_c, **c}, bits))
             for c in gemm.sass_cases():
                 sig = dict(gemm.SIGNATURE, x_ptr=a, qw_ptr=w, out_ptr=a)
                 out.append(_case("qgemm", "gemm.qgemm_kernel", fmt, dt, sig, {**fmt_c, **c}, bits))
@@ -88,7 +92,7 @@ def cases(dtypes=("bfloat16",)):
 def _case(kind, kernel, fmt, dt, sig, consts, bits):
     consts = dict(consts)
     warps, stages = consts.pop("num_warps"), consts.pop("num_stages", 1)
-    per_iter = consts.pop("weights_per_iter")
+    per_iter = consts.pop("weights_per_iter", None) or consts["BLOCK_N"] * consts["BLOCK_K"]
     divisible = tuple(consts.pop("divisible", ()))
     shape = consts.pop("label")
     sig = dict(sig)
@@ -103,8 +107,8 @@ def _tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_case(case: Case, arch: int = 90) -> Case:
-    """Compile for sm_<arch>, disassemble, fill case.result."""
+def _compile(case: Case, arch: int, weight_aligned: bool = True):
+    """(kernel, cuobjdump resource usage, SASS text) of case for sm_<arch>."""
     import importlib
 
     import triton
@@ -115,20 +119,29 @@ def compile_case(case: Case, arch: int = 90) -> Case:
     fn = getattr(importlib.import_module("qlite.kernels." + mod), fn)
     names = list(case.signature)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if case.signature[n].startswith("*") or n in case.divisible}
+             if (case.signature[n].startswith("*") and (weight_aligned or n != "qw_ptr")) or n in case.divisible}
     src = ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
-    try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
-    except Exception as exc:  # reported in the table, asserted on by tests
-        case.result = dict(arch=arch, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        return case
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return k, usage, sass
+
+
+def compile_case(case: Case, arch: int = 90) -> Case:
+    """Compile for sm_<arch>, disassemble, fill case.result. The weights' loads are told apart
+    by a second compile in which the weight pointer is not known to be 16-byte aligned: the
+    128-bit loads that disappear from the main loop are the weights' (w128)."""
+    try:
+        k, usage, sass = _compile(case, arch)
+        _, _, sass_unaligned = _compile(case, arch, weight_aligned=False)
+    except Exception as exc:  # reported in the table, asserted on by tests
+        case.result = dict(arch=arch, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return case
     r = analyse(sass)
     r["arch"] = arch
     r["regs"] = int(re.search(r"REG:(\d+)", usage)[1])
@@ -136,8 +149,8 @@ def compile_case(case: Case, arch: int = 90) -> Case:
     r["smem"] = k.metadata.shared
     threads = 32 * case.num_warps
     r["ipw"] = round(r["loop"] * threads / case.weights, 2) if r["loop"] else None
-    r["w128"] = round(r["bytes128"] * threads / case.weight_bytes, 2)
-    r["narrow"] = round(r["narrow"] * threads / case.weight_bytes, 2)
+    weight128 = r["ldg"].get(128, 0) - analyse(sass_unaligned)["ldg"].get(128, 0)
+    r["w128"] = round(16 * max(weight128, 0) * threads / case.weight_bytes, 2)
     case.result = r
     return case
 
@@ -179,16 +192,14 @@ def analyse(sass: str) -> dict:
 
     best = max(loops, key=lambda lh: (len(loads(*lh)), -(lh[1] - lh[0])), default=None)
     if best is None or not loads(*best):
-        return dict(loop=0, ldg={}, bytes128=0, narrow=0, spill=spill, total=len(instrs))
+        return dict(loop=0, ldg={}, spill=spill, total=len(instrs))
     lo, hi = best
     body = [ins for ins in instrs[lo:hi + 1] if not ins.startswith("NOP")]
     widths = {}
     for op in loads(lo, hi):
         w = _width(op)
         widths[w] = widths.get(w, 0) + 1
-    narrow = sum(w // 8 * n for w, n in widths.items() if w < 128)
-    return dict(loop=len(body), ldg=widths, bytes128=16 * widths.get(128, 0), narrow=narrow, spill=spill,
-                total=len(instrs),
+    return dict(loop=len(body), ldg=widths, spill=spill, total=len(instrs),
                 bar=sum("BAR" in i for i in body), shfl=sum("SHFL" in i for i in body),
                 mma=sum(bool(re.match(r"(HGMMA|HMMA)", i)) for i in body))
 
@@ -205,7 +216,7 @@ def run_all(selected, archs, jobs=None):
 
 
 def table(done) -> str:
-    rows = ["| kernel | sm | warps/stages | regs | stack | spill | smem | loop | ldg (bits:n) | w128 | narrow | i/w |",
+    rows = ["| kernel | sm | warps/stages | regs | stack | spill | smem | loop | ldg (bits:n) | w128 | mma | i/w |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in done:
         r = c.result
@@ -214,7 +225,7 @@ def table(done) -> str:
             continue
         ldg = " ".join(f"{w}:{n}" for w, n in sorted(r["ldg"].items(), reverse=True))
         rows.append(f"| {c.name} | {r['arch']} | {c.num_warps}/{c.num_stages} | {r['regs']} | {r['stack']} | "
-                    f"{r['spill']} | {r['smem']} | {r['loop']} | {ldg} | {r['w128']} | {r['narrow']} | {r['ipw']} |")
+                    f"{r['spill']} | {r['smem']} | {r['loop']} | {ldg} | {r['w128']} | {r.get('mma', 0)} | {r['ipw']} |")
     return "\n".join(rows)
 
 

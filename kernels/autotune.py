@@ -1,15 +1,21 @@
-"""A small autotuner: time each candidate config once per problem key and keep the fastest.
+"""Launch plans: which config a launcher uses for a shape, chosen once and then looked up.
 
-The launchers tune themselves through this rather than with @triton.autotune because a
-split-K launch is a kernel plus a reduction, and the pair is what must be timed. Under
-TRITON_INTERPRET=1 timings mean nothing and cost minutes, so the first config is taken.
+A launcher builds, per shape, a short whitelist of configs (best guess first) and turns each into
+a plan (kernel, grid, constexprs). `Plans.put` picks one:
+  - the choice recorded on disk for this GPU, triton version and shape, if any;
+  - else, with QLITE_TUNE=1 (bench/gpu.sh sets it), the fastest plan, timed once and recorded;
+  - else the first (no timing: tests and first runs never tune).
+After that a call costs a dictionary lookup and the launch. The disk cache is
+$QLITE_CACHE (default ~/.cache/qlite)/kernel-plans.json: {"<gpu> | triton <v>": {shape: index}}.
+Under TRITON_INTERPRET=1 the first plan is always taken.
 """
+import hashlib
+import json
 import os
 
 import torch
-import triton
 
-_best: dict = {}
+_disk: dict | None = None
 
 
 def interpreting() -> bool:
@@ -25,17 +31,76 @@ def dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+def _path():
+    return os.path.join(os.environ.get("QLITE_CACHE", os.path.expanduser("~/.cache/qlite")), "kernel-plans.json")
+
+
+def _machine(device) -> str:
+    import triton
+    return f"{torch.cuda.get_device_name(device)} | triton {triton.__version__}"
+
+
+def _load():
+    global _disk
+    if _disk is None:
+        try:
+            with open(_path()) as f:
+                _disk = json.load(f)
+        except (OSError, ValueError):
+            _disk = {}
+    return _disk
+
+
+def _save():
+    path = _path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_disk, f, indent=0, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class Plans:
+    """One launcher's chosen plans, by shape key (a tuple whose last item is the device)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._mem: dict = {}
+
+    def get(self, key):
+        return self._mem.get(key)
+
+    def put(self, key, plans: list, run):
+        """Choose among plans (run(plan) launches one) and remember the choice for key."""
+        choice = 0
+        device = key[-1]
+        if len(plans) > 1 and device.type == "cuda" and not interpreting():
+            names = repr([[getattr(v, "__name__", v) for v in p] for p in plans])  # the whitelist
+            shape = f"{self.name}{key[:-1]}#{hashlib.sha1(names.encode()).hexdigest()[:8]}"
+            machine = _load().setdefault(_machine(device), {})
+            if shape in machine and machine[shape] < len(plans):
+                choice = machine[shape]
+            elif os.environ.get("QLITE_TUNE") == "1":
+                choice = _fastest(plans, run)
+                machine[shape] = choice
+                _save()
+        self._mem[key] = plans[choice]
+        return plans[choice]
+
+
+def _fastest(plans, run):
+    import triton
+    times = []
+    for p in plans:
+        try:
+            times.append(triton.testing.do_bench(lambda: run(p), warmup=5, rep=20, return_mode="median"))
+        except Exception:  # a config the device cannot run (e.g. out of shared memory)
+            times.append(float("inf"))
+    return min(range(len(plans)), key=times.__getitem__)
+
+
 def pick(key: tuple, configs: list, run) -> dict:
-    """The fastest of configs (dicts) for key; run(config) launches once with that config."""
-    if interpreting() or len(configs) == 1:
+    """Older launchers (qgemm, fused_moe): the first config unless QLITE_TUNE=1 on a GPU."""
+    if interpreting() or len(configs) == 1 or os.environ.get("QLITE_TUNE") != "1":
         return configs[0]
-    best = _best.get(key)
-    if best is None:
-        times = []
-        for c in configs:
-            try:
-                times.append(triton.testing.do_bench(lambda: run(c), warmup=5, rep=25))
-            except Exception:  # a config the device cannot compile (e.g. out of shared memory)
-                times.append(float("inf"))
-        best = _best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
-    return best
+    return configs[_fastest(configs, run)]

@@ -23,8 +23,10 @@ def load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
     else:
         # Rows are K // 2 bytes; a thread's 16 contiguous bytes hold 32 consecutive k.
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(qw_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
-                    mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
+        # K % 32 == 0: rows start 16-byte aligned and the K mask is constant over 16 bytes.
+        kb = tl.multiple_of(K // 2, 16)
+        b = tl.load(qw_ptr + offs_n[:, None] * kb + offs_b[None, :],
+                    mask=n_ok[:, None] & (offs_b < kb)[None, :], other=0)
         q = tl.join(b & 0xF, b >> 4).reshape(BLOCK_N, BLOCK_K).to(tl.float32)  # even k low nibble
         GPT: tl.constexpr = (BLOCK_K + GROUP - 1) // GROUP  # groups per tile
         offs_g = k0 // GROUP + tl.arange(0, GPT)

@@ -197,8 +197,10 @@ def bench_model(name, raw, budgets, device, dtype, args, bw, rows):
 
     routings = [("model", "lrfu", True), ("model", "lrfu", False), ("uniform", "lru", False),
                 ("uniform", "lrfu", False), ("zipf", "lru", False), ("zipf", "lrfu", False)]
+    if args.quick:  # the model's own routing, prefetch on and off, at the first budget
+        routings, budgets = routings[:2], budgets[:1]
     resident = {}
-    for routing in ("model", "uniform", "zipf"):
+    for routing in ("model",) if args.quick else ("model", "uniform", "zipf"):
         r = measure(full, routing, "lrfu", False, "all resident")
         resident[routing] = 1 / r["decode_tok_s"]
         rows.append(r)
@@ -332,6 +334,8 @@ def main(argv=None):
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the skewed trace")
     p.add_argument("--tokens", type=int, default=4000, help="trace length for --simulate")
     p.add_argument("--out", default=None, help="output file (default under bench/results/)")
+    p.add_argument("--quick", action="store_true",
+                   help="first budget only, the model's routing with prefetch on and off (bench/gpu.sh)")
     args = p.parse_args(argv)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)

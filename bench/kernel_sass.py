@@ -82,9 +82,14 @@ def cases(dtypes=("bfloat16",)):
             for c in gemm.sass_cases():
                 sig = dict(gemm.SIGNATURE, x_ptr=a, qw_ptr=w, out_ptr=a)
                 out.append(_case("qgemm", "gemm.qgemm_kernel", fmt, dt, sig, {**fmt_c, **c}, bits))
-            for c in fused_moe.sass_cases():
-                sig = dict(fused_moe.SIGNATURE, a_ptr=a, qw_ptr=w, out_ptr=a if c["GATE_UP"] else "*fp32")
-                out.append(_case("moe-" + ("gateup" if c["GATE_UP"] else "down"), "fused_moe.moe_matmul_kernel",
+            for c in fused_moe.sass_cases(bits, group):
+                c = dict(c)
+                kernel = c.pop("kernel")
+                c.update({k: v for k, v in dict(F16=dt == "float16", DOT_F32=dt == "float32",
+                                                PAIRS=dt != "float32").items() if k in c})
+                base = fused_moe.DECODE_SIGNATURE if kernel == "moe_gemv_kernel" else fused_moe.SIGNATURE
+                sig = dict(base, a_ptr=a, qw_ptr=w, out_ptr=a if c["GATE_UP"] else "*fp32")
+                out.append(_case("moe-" + ("gateup" if c["GATE_UP"] else "down"), "fused_moe." + kernel,
                                  fmt, dt, sig, {**fmt_c, **c}, bits))
     return out
 

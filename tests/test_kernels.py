@@ -182,8 +182,9 @@ STATIC = [  # (case name prefix as kernel_sass.py names it, instructions-per-wei
     ("qgemv-int4-g128-asym-bfloat16-M1-", 3.75),
     ("qgemv-int4-g128-sym-float16-M1-", 3.75),
     ("qgemv-int8-bfloat16-M1-", 6.5),
+    ("moe-gateup-int4-g128-asym-bfloat16-decode", 3.75),
     ("qgemm-int4-g128-asym-bfloat16-64x128x64", None),
-    ("moe-gateup-int4-g128-asym-bfloat16-", None),
+    ("moe-down-int4-g128-asym-bfloat16-16x", None),
 ]
 
 

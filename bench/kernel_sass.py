@@ -206,7 +206,8 @@ def analyse(sass: str) -> dict:
         widths[w] = widths.get(w, 0) + 1
     return dict(loop=len(body), ldg=widths, spill=spill, total=len(instrs),
                 bar=sum("BAR" in i for i in body), shfl=sum("SHFL" in i for i in body),
-                mma=sum(bool(re.match(r"(HGMMA|HMMA)", i)) for i in body))
+                mma=sum(bool(re.match(r"(HGMMA|HMMA)", i)) for i in body),
+                wgmma=any(i.startswith("HGMMA") for i in body))
 
 
 def _run(args):

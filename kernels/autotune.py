@@ -75,7 +75,8 @@ class Plans:
         choice = 0
         device = key[-1]
         if len(plans) > 1 and device.type == "cuda" and not interpreting():
-            names = repr([[getattr(v, "__name__", v) for v in p] for p in plans])  # the whitelist
+            names = repr([p if isinstance(p, dict) else [getattr(v, "__name__", v) for v in p]
+                          for p in plans])  # the whitelist: a change of it invalidates the record
             shape = f"{self.name}{key[:-1]}#{hashlib.sha1(names.encode()).hexdigest()[:8]}"
             machine = _load().setdefault(_machine(device), {})
             if shape in machine and machine[shape] < len(plans):
@@ -97,10 +98,3 @@ def _fastest(plans, run):
         except Exception:  # a config the device cannot run (e.g. out of shared memory)
             times.append(float("inf"))
     return min(range(len(plans)), key=times.__getitem__)
-
-
-def pick(key: tuple, configs: list, run) -> dict:
-    """Older launchers (qgemm, fused_moe): the first config unless QLITE_TUNE=1 on a GPU."""
-    if interpreting() or len(configs) == 1 or os.environ.get("QLITE_TUNE") != "1":
-        return configs[0]
-    return configs[_fastest(configs, run)]

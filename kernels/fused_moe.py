@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import dot_f32, interpreting, pick
+from .autotune import Plans, dot_f32, interpreting
 from .dequant import dot_acc, load_weight_tile
 from .gemv import _int4_step, _int8_block_k, _int8_step, _load_f16, _sms, configs as gemv_configs
 from .reference import moe_align_block_size
@@ -143,7 +143,7 @@ _CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for
 def _launch(a, w, out, rw, align, num_slots, n, k, a_row_div, gate_up, bits, group_size, c):
     qweight, scales, zeros = w
     sorted_ids, expert_ids, num_padded = align
-    grid = (expert_ids.numel(), triton.cdiv(n, c["BLOCK_N"]))
+    grid = (expert_ids.numel(), -(-n // c["BLOCK_N"]))
     moe_matmul_kernel[grid](a, qweight, scales, zeros if zeros is not None else scales, out, rw,
                             sorted_ids, expert_ids, num_padded, num_slots, n, k, a.stride(0),
                             qweight.stride(0), scales.stride(0), BITS=bits,
@@ -151,6 +151,9 @@ def _launch(a, w, out, rw, align, num_slots, n, k, a_row_div, gate_up, bits, gro
                             GATE_UP=gate_up, A_ROW_DIV=a_row_div, BLOCK_M=c["BLOCK_M"],
                             BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], DOT_F32=dot_f32(a.dtype),
                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+
+_plans = Plans("fused_moe")
 
 
 def _decode_launch(a, w, out, ids, rw, n, k, a_row_div, gate_up, bits, group_size):
@@ -192,8 +195,7 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int, ou
         _decode_launch(h, w2, y, ids, rw, D, inter, 1, False, bits, group_size)
         torch.sum(y.view(T, k, D), dim=1, out=out) if out.dtype == torch.float32 else out.copy_(y.view(T, k, D).sum(1))
         return out
-    per_expert = triton.next_power_of_2(max(1, num_slots // min(E, num_slots)))
-    configs = [c for c in _CONFIGS if c["BLOCK_M"] <= max(16, per_expert)]
+    per_expert = 1 << (max(1, num_slots // min(E, num_slots)) - 1).bit_length()
 
     def run(c):
         align = moe_align_block_size(topk_ids, c["BLOCK_M"], E)
@@ -201,9 +203,14 @@ def fused_moe(x, topk_ids, topk_weights, w13, w2, bits: int, group_size: int, ou
         _launch(h, w2, y, rw, align, num_slots, D, inter, 1, False, bits, group_size, c)
         torch.sum(y.view(T, k, D), dim=1, out=out) if out.dtype == torch.float32 else out.copy_(y.view(T, k, D).sum(1))
 
-    key = ("fused_moe", min(triton.next_power_of_2(num_slots), 4096), E, D, inter, bits, group_size,
-           w13[2] is not None, x.dtype)
-    run(config or pick(key, configs, run))  # config: force one (tests)
+    c = config
+    if c is None:
+        key = (min(1 << (num_slots - 1).bit_length(), 4096), E, D, inter, bits, group_size, w13[2] is None,
+               x.dtype, x.device)
+        c = _plans.get(key)
+        if c is None:
+            c = _plans.put(key, [c for c in _CONFIGS if c["BLOCK_M"] <= max(16, per_expert)], run)
+    run(c)
     return out
 
 SIGNATURE = dict(a_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16", rw_ptr="*fp32",

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import dot_f32, pick
+from .autotune import Plans, dot_f32
 from .dequant import dot_acc, load_weight_tile
 
 
@@ -51,27 +51,39 @@ _CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for
     (128, 64, 64, 8, 3), (128, 128, 32, 8, 3))]
 
 
+_plans = Plans("qgemm")
+
+
 def qgemm(x, qweight, scales, zeros, bits: int, group_size: int, out=None, config=None):
-    """x [M, K] (rows contiguous) -> [M, N] in x's dtype; accumulates in float32."""
+    """x [M, K] (rows contiguous) -> [M, N] in x's dtype; accumulates in float32.
+    config: force one of _CONFIGS' form (tests); else the plan chosen once per shape bucket."""
     M, K = x.shape
     N = qweight.shape[0]
     assert x.stride(1) == 1
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    m_bucket = min(triton.next_power_of_2(M), 1024)
-    configs = [c for c in _CONFIGS if c["BLOCK_M"] <= max(16, m_bucket)]  # no taller than M needs
-
-    def run(c):
-        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-        qgemm_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, out,
-                           M, N, K, x.stride(0), out.stride(0), BITS=bits,
-                           GROUP=group_size if bits == 4 else 0, HAS_ZEROS=zeros is not None,
-                           BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=8,
-                           DOT_F32=dot_f32(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
-
-    key = ("qgemm", m_bucket, N, K, bits, group_size, zeros is not None, x.dtype)
-    run(config or pick(key, configs, run))  # config: force one (tests)
+    m_bucket = min(1 << (M - 1).bit_length(), 1024)
+    c = config
+    if c is None:
+        key = (m_bucket, N, K, bits, group_size, zeros is None, x.dtype, x.device)
+        c = _plans.get(key)
+        if c is None:
+            cands = [c for c in _CONFIGS if c["BLOCK_M"] <= max(16, m_bucket)]  # no taller than M needs
+            c = _plans.put(key, cands, lambda c: _run(c, x, qweight, scales, zeros, bits, group_size, out))
+    _run(c, x, qweight, scales, zeros, bits, group_size, out)
     return out
+
+
+def _run(c, x, qweight, scales, zeros, bits, group_size, out):
+    M, K = x.shape
+    N = out.shape[1]
+    grid = (-(-M // c["BLOCK_M"]) * -(-N // c["BLOCK_N"]),)
+    qgemm_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, out,
+                       M, N, K, x.stride(0), out.stride(0), BITS=bits,
+                       GROUP=group_size if bits == 4 else 0, HAS_ZEROS=zeros is not None,
+                       BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=8,
+                       DOT_F32=dot_f32(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+
 
 SIGNATURE = dict(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*bf16",
                  M="i32", N="i32", K="i32", stride_xm="i32", stride_om="i32")

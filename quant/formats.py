@@ -20,6 +20,10 @@ one output channel, neighbouring threads take the next 16 bytes, so a warp reads
 lines; every row starts 16-byte aligned because G >= 32 divides K. Scales and zeros are float16
 whatever the activation dtype (the kernels convert to float32).
 
+The GPU kernels read this layout as it is (no repack at load): viewed as int32 words, word c of
+a row holds k = 8c + i in nibble i, so (word >> 4p) & 0x000F000F puts k = 8c + p and 8c + p + 4
+in the two 16-bit halves, the pair the decode kernel dequantizes at once (kernels/gemv.py).
+
 Stacked experts carry a leading expert dimension on every tensor ([E, N, K // 2], [E, K // G, N],
 ...); each expert's bytes are contiguous.
 

@@ -216,13 +216,16 @@ def _sass_child():
 @pytest.mark.parametrize("prefix,budget", STATIC, ids=[p for p, _ in STATIC])
 def test_sm90_machine_code_has_no_spills_and_wide_weight_loads(sass, prefix, budget):
     """No register spills; the decode kernels read every weight through 16-byte loads and
-    spend at most `budget` instructions per weight in their main loop."""
+    spend at most `budget` instructions per weight in their main loop; the prefill GEMM's main
+    loop multiplies with HGMMA (wgmma), fed by cp.async (num_stages) pipelining."""
     r = sass[prefix]
     assert "error" not in r, r
     assert r["stack"] == 0 and r["spill"] == 0, r
     if budget is not None:
         assert r["w128"] >= 1.0, f"{r['name']}: weights not all in 16-byte loads: {r}"
         assert r["ipw"] <= budget, f"{r['name']}: {r['ipw']} instructions per weight > {budget}"
+    if prefix.startswith("qgemm"):  # prefill: Hopper's warpgroup tensor-core MMA in the main loop
+        assert r["mma"] > 0 and r["wgmma"], f"{r['name']}: no HGMMA in the main loop: {r}"
 
 
 # ---- CUDA: run when a GPU is lent --------------------------------------------------------------

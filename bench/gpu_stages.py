@@ -235,7 +235,7 @@ def decode(log, dry):
     from qlite.config import config_from_dict
     from qlite.loader import set_tensor
     from qlite.model import Qwen2
-    from qlite.quantize import swap_to_quantized
+    from qlite.quant.swap import QuantConfig, swap_to_quantized
 
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
@@ -254,7 +254,7 @@ def decode(log, dry):
         cfg = config_from_dict(dict(raw, quantization=q), name)
         with torch.device("meta"):
             model = Qwen2(cfg)
-        swap_to_quantized(model, cfg.quantization, dtype)
+        swap_to_quantized(model, QuantConfig.from_dict(cfg.quantization), dtype)
         weight_bytes = 0
         for key, t in model.state_dict(keep_vars=True).items():
             v = _random(key, t, device, dtype, q["group_size"])

@@ -228,6 +228,102 @@ def test_sm90_machine_code_has_no_spills_and_wide_weight_loads(sass, prefix, bud
         assert r["mma"] > 0 and r["wgmma"], f"{r['name']}: no HGMMA in the main loop: {r}"
 
 
+# ---- the decode kernel's inline PTX, executed by a small emulator ---------------------------------
+# The interpreter runs the kernels' float32 branch, not their PTX blocks; these run the PTX text
+# itself, instruction by instruction, with PTX's semantics (16-bit results rounded to nearest
+# even), so a wrong selector, mask or constant in kernels/gemv.py fails here without a GPU.
+
+def _f16bits(v, half):
+    dt = torch.float16 if half else torch.bfloat16
+    return int(torch.tensor([v], dtype=torch.float64).to(torch.float32).to(dt).view(torch.int16)[0]) & 0xFFFF
+
+
+def _f16val(b, half):
+    return float(torch.tensor([b if b < 0x8000 else b - 0x10000], dtype=torch.int16).view(
+        torch.float16 if half else torch.bfloat16)[0])
+
+
+def _f32(b):
+    return float(torch.tensor([b if b < 1 << 31 else b - (1 << 32)], dtype=torch.int32).view(torch.float32)[0])
+
+
+def _run_ptx(text, args):
+    """Execute one of gemv.py's asm blocks. args: {"$i": int} inputs; returns the registers."""
+    import re
+    regs = dict(args)
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 0) if re.match(r"^(0x[0-9A-Fa-f]+|\d+)$", tok) else regs[tok]
+
+    for ins in text.split(";"):
+        ins = ins.strip(" \n{}").strip()
+        if not ins:
+            continue
+        op, _, rest = ins.partition(" ")
+        if op.startswith(".reg"):
+            continue
+        m = re.match(r"\{(\S+), (\S+)\}, (\S+)", rest)
+        if op in ("mov.b64", "mov.b32") and m:  # unpack a 64-bit (or 32-bit) register into halves
+            v, bits = val(m[3]), 32 if op == "mov.b64" else 16
+            regs[m[1]], regs[m[2]] = v & ((1 << bits) - 1), v >> bits
+            continue
+        ops = [o.strip() for o in rest.split(",")]
+        d, a = ops[0], [val(o) for o in ops[1:]]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "prmt.b32":
+            pool = a[0] | (a[1] << 32)
+            r = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "lop3.b32":
+            assert a[3] == 0xEA  # (a & b) | c
+            r = (a[0] & a[1]) | a[2]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "shl.b32":
+            r = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "add.f32":
+            r = int(torch.tensor([_f32(a[0]) + _f32(a[1])], dtype=torch.float32).view(torch.int32)[0]) & 0xFFFFFFFF
+        elif op == "cvt.f32.f16":
+            r = int(torch.tensor([_f16val(a[0], True)], dtype=torch.float32).view(torch.int32)[0]) & 0xFFFFFFFF
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            half = op == "fma.rn.f16x2"
+            r = 0
+            for sh in (0, 16):
+                x, y, z = (_f16val((v >> sh) & 0xFFFF, half) for v in a)
+                r |= _f16bits(x * y + z, half) << sh  # exact in float64, then one rounding
+        else:
+            raise AssertionError(f"emulator: unknown instruction {op}")
+        regs[d] = r
+    return regs
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["bf16", "fp16"])
+def test_decode_ptx_blocks_compute_the_documented_sums(half):
+    from qlite.kernels import gemv
+
+    pairs = str(getattr(gemv._PAIRS_F16 if half else gemv._PAIRS_BF16, "value", None) or
+                (gemv._PAIRS_F16 if half else gemv._PAIRS_BF16))
+    dot8 = str(getattr(gemv._DOT8_F16 if half else gemv._DOT8_BF16, "value", None) or
+               (gemv._DOT8_F16 if half else gemv._DOT8_BF16))
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for _ in range(20):
+        x = torch.randn(8, generator=gen).to(torch.float16 if half else torch.bfloat16)
+        xb = [int(v) & 0xFFFF for v in x.view(torch.int16)]
+        xa_word = xb[0] | xb[1] << 16 | xb[2] << 32 | xb[3] << 48  # x[8c..8c+3] as one int64
+        xb_word = xb[4] | xb[5] << 16 | xb[6] << 32 | xb[7] << 48
+        r = _run_ptx(pairs, {"$5": xa_word, "$6": xb_word})
+        assert abs(_f32(r["$4"]) - x.double().sum().item()) <= 2e-2 * x.double().abs().sum().item()
+        nib = torch.randint(0, 16, (8,), generator=gen)
+        w = sum(int(n) << (4 * i) for i, n in enumerate(nib))  # nibble i is k = 8c + i (formats.py)
+        out = _run_ptx(dot8, {"$1": w, "$2": r["$0"], "$3": r["$1"], "$4": r["$2"], "$5": r["$3"]})
+        exact = ((nib.double() - 8) * x.double()).sum().item()
+        bound = (2 ** -10 if half else 2 ** -7) * 4 * ((nib.double() - 8).abs() * x.double().abs()).sum().item()
+        assert abs(_f32(out["$0"]) - exact) <= bound, (nib.tolist(), x.tolist(), _f32(out["$0"]), exact)
+
+
 # ---- CUDA: run when a GPU is lent --------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

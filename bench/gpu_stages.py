@@ -178,17 +178,29 @@ def kernels(log, dry):
     for k, n in shapes:
         w16 = (torch.randn(n, k, device=device) / math.sqrt(k)).half()
         qs = {b: _rand_weight((), n, k, b, 128 if b == 4 else 0, True, device) for b in (4, 8)}
-        tiny = None
+        tiny = nf4 = None
         if not dry:
-            codes = reference.unpack_int4(qs[4][0]).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack(codes, 8)  # tinygemm's layout
-            sz = torch.stack([qs[4][1].float(), ((8 - qs[4][2].float()) * qs[4][1].float())], -1).to(torch.bfloat16)
-            tiny = (packed, sz.contiguous())
-        nf4 = None
-        if bnb is not None and not dry:
-            nf4 = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float16, quant_type="nf4")
-            nf4.weight = bnb.nn.Params4bit(w16.cpu(), requires_grad=False, quant_type="nf4")
-            nf4 = nf4.to(device)
+            try:  # tinygemm takes [N, K / 2] uint8 with the even k in the high nibble, and per
+                # group (scale, offset) with w = (code - 8) * scale + offset
+                codes = reference.unpack_int4(qs[4][0]).to(torch.int32)
+                packed = torch.ops.aten._convert_weight_to_int4pack(
+                    ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
+                s = qs[4][1].float()
+                sz = torch.stack([s, (8 - qs[4][2].float()) * s], -1).to(torch.bfloat16).contiguous()
+                tiny = (packed, sz)
+                x1 = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+                e = _err(torch.ops.aten._weight_int4pack_mm(x1, packed, 128, sz), reference.quant_matmul(x1.float(), *qs[4], 4, 128))
+                log(f"tinygemm {k}x{n} matches the reference: err={e:.2e} (its bf16 scales round once more)")
+            except Exception as exc:
+                log(f"tinygemm unavailable: {type(exc).__name__}: {str(exc)[:120]}")
+            if bnb is not None:
+                try:
+                    nf4 = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float16, quant_type="nf4")
+                    nf4.weight = bnb.nn.Params4bit(w16.cpu(), requires_grad=False, quant_type="nf4")
+                    nf4 = nf4.to(device)
+                except Exception as exc:
+                    log(f"bitsandbytes NF4 unavailable: {type(exc).__name__}: {str(exc)[:120]}")
+                    nf4 = None
         for m in ms:
             xs = [torch.randn(m, k, device=device).to(torch.float16 if dry else torch.bfloat16) for _ in range(4)]
             xh = [x.half() for x in xs]

@@ -383,7 +383,9 @@ def _plan(x, qweight, N, K, bits, group_size, zeros, config):
                       PAIRS=x.dtype != torch.float32 and not interpreting(), F16=x.dtype == torch.float16)
             kernel = qgemv_kernel
         else:
-            kw.update(BLOCK_M=16, DOT_F32=dot_f32(x.dtype))
+            # No software pipelining: with it the weight tile goes through cp.async 8 bytes at a
+            # time; without, through 16-byte loads (bench/kernel_sass.py), and occupancy hides latency.
+            kw.update(BLOCK_M=16, DOT_F32=dot_f32(x.dtype), num_stages=1)
             kernel = qgemv_dot_kernel
         stride = x.stride(0) if M > 1 else K
         plans.append((kernel, grid, split * M * N if split > 1 else 0, grid[0], iters, stride, kw))
@@ -428,5 +430,5 @@ def sass_cases(bits, group_size):
             if m <= CUDA_CORE_MAX_M:
                 out.append(dict(base, kernel="qgemv_kernel", BLOCK_M=m, PAIRS=True, F16=False))
             else:
-                out.append(dict(base, kernel="qgemv_dot_kernel", BLOCK_M=16, DOT_F32=False))
+                out.append(dict(base, kernel="qgemv_dot_kernel", BLOCK_M=16, DOT_F32=False, num_stages=1))
     return out

@@ -330,7 +330,10 @@ def configs(m, n, k, bits, group_size, sms):
 
 
 _plans = Plans("qgemv")
-_scratch: dict = {}  # device -> (float32 workspace, int32 counters kept at zero)
+# device -> (float32 workspace, int32 counters kept at zero by the kernels). Allocated (and grown)
+# on a split-K call's first use: run each shape once before capturing a CUDA graph, as a warm-up
+# does, so the graph does not capture their allocation and zero-fill.
+_scratch: dict = {}
 
 
 def _workspace(device, floats, tiles):

@@ -35,6 +35,10 @@ Quantizers (`method`):
        least-squares refits of scale and zero. Symmetric formats have no zero point, so they get
        the least-squares refit of the scale only. Each group keeps the best (scale, zero) seen,
        starting from RTN's, so its squared error is never above RTN's.
+  gptq calibrated (quant/gptq.py): minimises the layer's output error on calibration inputs,
+       column by column with error feedback; needs the inputs' Hessian, so it is not a
+       `quantize()` method. Symmetric scales are 2 max|w| / 15 (GPTQ's), asymmetric zero
+       points integers.
 """
 import math
 from dataclasses import dataclass

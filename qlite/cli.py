@@ -220,7 +220,9 @@ def cmd_quantize(args):
     from qlite.quantize import quantize_checkpoint
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
                               method=args.method, keep_16bit=args.keep_16bit, force=args.force,
-                              symmetric=args.symmetric, progress=progress_printer())
+                              symmetric=args.symmetric, progress=progress_printer(),
+                              calibration=args.calibration,
+                              calibration_tokens=args.calibration_tokens)
     print(out)
 
 
@@ -280,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size: 32, 64, 128 (default 128; int8 is per channel)")
-    p.add_argument("--method", default=None, help="rtn or hqq (default: the best available)")
+    p.add_argument("--method", default=None,
+                   help="rtn, hqq or gptq (calibrated, int4; default: hqq)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="gptq: calibration text (default: Python standard-library sources)")
+    p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
+                   help="gptq: calibration tokens (default: 16384)")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
     p.add_argument("--keep-16bit", default="embed",
                    help="comma list of lm_head,embed kept 16-bit, or none (default: embed)")

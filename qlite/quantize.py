@@ -28,12 +28,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from qlite.calibrate import DEFAULT_TOKENS, FALLBACK, calibration_ids, gptq_layers
 from qlite.checkpoint import (DTYPES, ShardWriter, TensorInfo, check_tensors, nbytes_of,
                               read_checkpoint, tensor_sources)
 from qlite.config import config_from_dict, load_config
@@ -50,6 +52,7 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
           "chat_template.json", "chat_template.jinja", "LICENSE", "README.md")
 
 Progress = Callable[..., None]  # (stage, done, total) and optionally tensors=(done, total)
+CALIBRATED = ("gptq",)  # methods that run the model on calibration text (qlite/calibrate.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +162,25 @@ def _source_of(src_dir: Path, work: Path, progress) -> Path:
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
                         method: str = "hqq", keep_16bit=("embed",), force: bool = False,
                         progress: Progress | None = None, symmetric: bool = False,
-                        dtype_16bit: str = "bfloat16") -> Path:
+                        dtype_16bit: str = "bfloat16", calibration=None,
+                        calibration_tokens: int | None = None) -> Path:
     """Quantize the Qwen2 / Qwen2-MoE checkpoint `src` (a model directory with single or
     sharded safetensors, a .gguf file, or "demo") into the new model directory `out`; return it.
 
     bits 4 (group-wise along the input dimension, `group_size` 32/64/128, default 128,
     asymmetric unless `symmetric`) or 8 (symmetric, per output channel: no group_size).
     `method`: "hqq" (the default) or "rtn". `keep_16bit`: any of "lm_head", "embed" (a list or
-    "lm_head,embed"). Bad input raises QliteError before anything is written."""
+    "lm_head,embed"). `method="gptq"` (int4 only) runs the model on `calibration` (a text file;
+    default: Python standard-library sources) for `calibration_tokens` tokens
+    (qlite/calibrate.py). Bad input raises QliteError before anything is written."""
     q = QuantConfig(bits, group_size, symmetric, method or "hqq", keep_16bit, dtype_16bit)
-    q.check_method()
+    if q.method in CALIBRATED:
+        if q.bits != 4:
+            raise QliteError(f"method {q.method}: int4 only, got bits {q.bits}")
+    else:
+        q.check_method()
+        if calibration is not None or calibration_tokens is not None:
+            raise QliteError(f"calibration: only with method {' or '.join(CALIBRATED)}")
     out = Path(out).expanduser().absolute()
     if str(src) == "demo":  # as qlite.load("demo"): the demo model, pulled on first use
         from qlite.pull import pull_demo
@@ -234,8 +246,19 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
         ntotal = len(jobs) + sum(1 for k in sources if owner(k, targets) is None
                                  and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
         call("quantizing", 0, total, tensors=(0, ntotal))
+        calibrated, calib_stats = set(), None
+        if q.method in CALIBRATED:
+            calibrated, calib_stats = _calibrated(src_dir, cfg, targets, q, sources, reader,
+                                                  writer, dtypes, calibration,
+                                                  calibration_tokens, call)
+            ndone += len(calibrated)
         for name, m in jobs:  # quantized modules
-            done += _quantize_module(name, m, q, sources, reader, writer, dtypes)
+            if name in calibrated:
+                done += sum(tensors[n].nbytes for key, parts in sources.items()
+                            if owner(key, {name}) for n, _ in parts)
+                continue
+            mq = replace(q, method=FALLBACK) if q.method in CALIBRATED else q  # the embedding
+            done += _quantize_module(name, m, mq, sources, reader, writer, dtypes)
             ndone += 1
             call("quantizing", done, total, tensors=(ndone, ntotal))
         for key, parts in sources.items():  # the rest: copied, cast to the 16-bit dtype
@@ -255,6 +278,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
                 shutil.copy2(src_dir / fname, tmp / fname)
         raw["quantization"] = dict(q.to_dict(), source_bytes=total,
                                    quantized_bytes=info["total_size"])
+        if calib_stats:
+            raw["quantization"]["calibration"] = calib_stats
         raw["torch_dtype"] = q.dtype_16bit
         if untie:
             raw["tie_word_embeddings"] = False
@@ -275,6 +300,21 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _calibrated(src_dir, cfg, targets, q, sources, reader, writer, dtypes, calibration,
+                calibration_tokens, call):
+    """GPTQ the decoder layers (and lm_head): qlite/calibrate.py. Returns the modules done and
+    the quantization section's `calibration` entry."""
+    from qlite.tokenizer import Tokenizer
+    ids, text = calibration_ids(Tokenizer.from_dir(src_dir), calibration,
+                                calibration_tokens or DEFAULT_TOKENS)
+    stage = f"GPTQ on {ids.numel()} tokens, layers"
+    call(stage, 0, cfg.num_hidden_layers + 1)
+    done, stats = gptq_layers(cfg, targets, q, sources, reader, writer, dtypes, ids,
+                              lambda i, n, _elapsed: call(stage, i, n))
+    call(stage, cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1)
+    return done, dict(stats, text=text)
 
 
 def _quantize_module(name, m, q: QuantConfig, sources, reader: _Reader, writer: ShardWriter,

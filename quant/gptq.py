@@ -39,24 +39,23 @@ _MIN_SCALE = 1e-6
 
 
 class Hessian:
-    """Running H = 2 X^T X / n of a linear layer's inputs, summed in float64 on the CPU (a
-    product of each batch in float32 on the batch's device first)."""
+    """Running H = 2 X^T X / n of a linear layer's inputs, summed in float32 on `device`."""
 
-    def __init__(self, in_features: int):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device="cpu"):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor):
         x = x.detach().reshape(-1, self.sum.shape[0])
         if x.shape[0] == 0:
             return
-        x = x.float()
-        self.sum += (x.T @ x).to("cpu", torch.float64)
+        x = x.to(self.sum.device, torch.float32)
+        self.sum.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
         """float32 [K, K]; all zeros before any input."""
-        return (self.sum * (2 / max(self.tokens, 1))).float()
+        return self.sum * (2 / max(self.tokens, 1))
 
 
 def _group_params(w: torch.Tensor, symmetric: bool):

@@ -184,7 +184,7 @@ def _no_leftovers(parent):
     (dict(bits=3), "bits 3"),
     (dict(bits=4, group_size=48), "group_size 48"),
     (dict(bits=4, group_size=128), "does not divide the input dimension 64"),
-    (dict(bits=4, method="gptq"), "method 'gptq'"),
+    (dict(bits=4, method="spqr"), "method 'spqr'"),
     (dict(bits=4, keep_16bit="router"), "keep_16bit 'router'"),
 ])
 def test_bad_options_write_nothing(tiny_dense, tmp_path, kwargs, match):

@@ -226,6 +226,12 @@ def cmd_quantize(args):
     print(out)
 
 
+def cmd_export(args):
+    from qlite.export import export_checkpoint
+    print(export_checkpoint(args.src, args.out, fmt=args.format, force=args.force,
+                            progress=progress_printer()))
+
+
 def cmd_inspect(args):
     from qlite.checkpoint import describe
     print(describe(args.path))
@@ -293,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of lm_head,embed kept 16-bit, or none (default: embed)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a qlite int4 checkpoint as GPTQ (vLLM, SGLang)")
+    p.add_argument("src", help="model directory written by qlite quantize --symmetric")
+    p.add_argument("out", help="new model directory")
+    p.add_argument("--format", default="gptq", choices=["gptq"])
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="where an MoE model lives for a GPU budget")
     p.add_argument("--model", required=True, help="model directory or config.json")

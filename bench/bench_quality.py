@@ -1,11 +1,14 @@
 """Perplexity of the demo model on Python standard-library source: 16-bit vs qlite int8/int4
-vs bitsandbytes NF4/int8, one markdown table under bench/results/.
+vs bitsandbytes NF4/int8 vs GPTQ, one markdown table under bench/results/.
 
 The text is a fixed list of stdlib files read from the running Python (never copied into the
 repository); each contributes its first --tokens tokens as one sequence. Every variant is the
 same demo weights (float32 activations), quantized in memory with exactly the quantizer and
 rules `qlite quantize` uses (qlite.quant.swap.quantize_model: lm_head quantized, embedding kept
 16-bit), or converted by qlite.bnb.to_bitsandbytes (lm_head kept, bitsandbytes' default).
+GPTQ variants are `qlite quantize --method gptq` checkpoints (same rules; calibrated on
+qlite.calibrate's default stdlib files, disjoint from the scored ones) written under
+--gptq-cache and reused when there with the same options (the notes column says so).
 
     python bench/bench_quality.py                      # all variants, 8 files x 1024 tokens
     python bench/bench_quality.py --files 4 --only 16bit,int8,int4-g128-rtn
@@ -43,6 +46,9 @@ VARIANTS = {
                                            keep_16bit=("embed", "lm_head"))),
     "int4-g128-hqq-head16": ("qlite", dict(bits=4, group_size=128, method="hqq",
                                            keep_16bit=("embed", "lm_head"))),
+    "int4-g128-gptq": ("gptq", dict(bits=4, group_size=128)),
+    "int4-g128-gptq-sym": ("gptq", dict(bits=4, group_size=128, symmetric=True)),
+    "int4-g64-gptq": ("gptq", dict(bits=4, group_size=64)),
     "bnb-nf4": ("bnb", dict(bits=4)),
     "bnb-int8": ("bnb", dict(bits=8)),
 }
@@ -66,6 +72,18 @@ def perplexity(model, sequences: list[torch.Tensor]) -> tuple[float, int]:
     return math.exp(nll / count), count
 
 
+def gptq_checkpoint(name, opts, model_dir, args) -> tuple[Path, str]:
+    """The variant's `qlite quantize --method gptq` output, written once under --gptq-cache."""
+    from qlite.quantize import quantize_checkpoint
+    out = Path(args.gptq_cache).expanduser() / f"{name}-{args.calibration_tokens}tok"
+    if (out / "config.json").is_file():
+        return out, "cached checkpoint"
+    t0 = time.time()
+    quantize_checkpoint(model_dir, out, method="gptq", calibration_tokens=args.calibration_tokens,
+                        force=True, **opts)
+    return out, f"GPTQ {time.time() - t0:.0f}s"
+
+
 def build(kind, opts, model_dir, dtype):
     model = qlite.load(model_dir, dtype=dtype)
     if kind == "qlite":
@@ -85,6 +103,9 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="GPTQ variants")
+    p.add_argument("--gptq-cache", default="~/.cache/qlite/bench",
+                   help="where GPTQ variants' checkpoints are written and reused")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.md"))
     args = p.parse_args(argv)
     if args.threads:
@@ -101,8 +122,13 @@ def main(argv=None):
     for name in names:
         kind, opts = VARIANTS[name]
         t0 = time.time()
+        how = "quantize"
         try:
-            model = build(kind, opts, model_dir, args.dtype)
+            if kind == "gptq":
+                ckpt, how = gptq_checkpoint(name, opts, model_dir, args)
+                model = qlite.load(ckpt, dtype=args.dtype)
+            else:
+                model = build(kind, opts, model_dir, args.dtype)
         except Exception as e:  # bitsandbytes unusable here, say so in the table
             rows.append((name, None, None, f"not run: {e}"))
             print(f"{name:16s} not run: {e}", flush=True)
@@ -114,7 +140,8 @@ def main(argv=None):
         base = ppl if name == "16bit" else base
         weights = _weight_bytes(model)
         del model
-        rows.append((name, ppl, weights, f"quantize {t1 - t0:.0f}s, eval {t2 - t1:.0f}s"))
+        rows.append((name, ppl, weights, f"{how}, load {t1 - t0:.0f}s, eval {t2 - t1:.0f}s"
+                     if kind == "gptq" else f"quantize {t1 - t0:.0f}s, eval {t2 - t1:.0f}s"))
         delta = "" if base is None or name == "16bit" else f" ({100 * (ppl / base - 1):+.2f}%)"
         print(f"{name:16s} ppl {ppl:.4f}{delta}  [{rows[-1][3]}]", flush=True)
         write_table(args, rows, base, texts, seqs)
@@ -134,7 +161,9 @@ def write_table(args, rows, base, texts, seqs) -> str:
              "",
              "`16bit` keeps the float32 weights of the GGUF import; qlite variants quantize every "
              "linear, experts and lm_head included (embedding kept 16-bit, norms and router "
-             "always); bnb variants keep lm_head (bitsandbytes' default). "
+             "always); bnb variants keep lm_head (bitsandbytes' default). GPTQ variants are "
+             f"`qlite quantize --method gptq` checkpoints calibrated on {args.calibration_tokens} "
+             "tokens of other stdlib files (qlite/calibrate.py). "
              "`python bench/bench_quality.py`",
              "",
              "| variant | perplexity | vs 16-bit | weights in memory | notes |",

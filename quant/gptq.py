@@ -70,17 +70,16 @@ def _group_params(w: torch.Tensor, symmetric: bool):
 
 
 def _inverse_cholesky(h: torch.Tensor, where: str) -> torch.Tensor:
-    """The upper Cholesky factor of H^-1 (H damped), growing the damping if H is not positive
-    definite numerically."""
+    """The upper Cholesky factor U of H^-1 (U^T U = H^-1, H damped), growing the damping if H
+    is not positive definite numerically. With J the order reversal and J H J = L L^T,
+    U = J L^-1 J: one factorisation and one triangular inverse (2/3 K^3 flops, not 5/3 K^3
+    for cholesky, cholesky_inverse, cholesky)."""
     damp = PERCDAMP * h.diagonal().mean().item()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(6):
-        low, info = torch.linalg.cholesky_ex(h + damp * eye)
+        low, info = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
         if info.item() == 0:
-            inv = torch.cholesky_inverse(low)
-            up, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info.item() == 0:
-                return up
+            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
         damp *= 10
     raise QliteError(f"{where}: the calibration Hessian is not positive definite even damped")
 

@@ -217,12 +217,13 @@ def cmd_plan(args):
 
 
 def cmd_quantize(args):
+    from qlite.export import quantize_as_gptq
     from qlite.quantize import quantize_checkpoint
-    out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
-                              method=args.method, keep_16bit=args.keep_16bit, force=args.force,
-                              symmetric=args.symmetric, progress=progress_printer(),
-                              calibration=args.calibration,
-                              calibration_tokens=args.calibration_tokens)
+    job = quantize_as_gptq if args.format == "gptq" else quantize_checkpoint
+    out = job(args.src, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
+              keep_16bit=args.keep_16bit, force=args.force, symmetric=args.symmetric,
+              progress=progress_printer(), calibration=args.calibration,
+              calibration_tokens=args.calibration_tokens)
     print(out)
 
 
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                    help="gptq: calibration tokens (default: 16384)")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
+    p.add_argument("--format", default="qlite", choices=["qlite", "gptq"],
+                   help="gptq: write a GPTQ checkpoint for vLLM/SGLang (implies --symmetric)")
     p.add_argument("--keep-16bit", default="embed",
                    help="comma list of lm_head,embed kept 16-bit, or none (default: embed)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -2,6 +2,7 @@
 as vLLM, SGLang and transformers+gptqmodel read it (Qwen's *-GPTQ-Int4 layout).
 
     export_checkpoint(src, out, fmt="gptq")
+    quantize_as_gptq(src, out, **quantize_checkpoint_options)   # `qlite quantize --format gptq`
 
 Every quantized linear `P` keeps its codes and fp16 scales (quant/gptq_awq.qlite_to_gptq: the
 same weight bit for bit) as `P.qweight` / `P.qzeros` / `P.scales` / `P.g_idx`, routed experts one
@@ -185,3 +186,21 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def quantize_as_gptq(src, out, force: bool = False, progress=None, **options) -> Path:
+    """`qlite quantize ... --format gptq`: quantize (symmetric int4) into a temporary qlite
+    checkpoint beside `out`, export it to `out`, remove the temporary one."""
+    from qlite.quantize import quantize_checkpoint
+    if options.get("bits", 4) != 4:
+        raise QliteError(f"--format gptq: int4 only, got --bits {options['bits']}")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise QliteError(f"{out}: already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.qlite-", dir=out.parent))
+    try:
+        q = quantize_checkpoint(src, work / "q", progress=progress, **dict(options, symmetric=True))
+        return export_checkpoint(q, out, "gptq", force=force, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

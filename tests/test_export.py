@@ -137,3 +137,14 @@ def test_interrupted_export_leaves_nothing(tiny_dense, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(q, tmp_path / "gptq", progress=interrupt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_quantize_straight_to_gptq(tiny_dense, tmp_path):
+    """`qlite quantize --format gptq` = quantize --symmetric, then export; nothing else left."""
+    main(["quantize", str(tiny_dense[0]), str(tmp_path / "direct"), "--group-size", "32",
+          "--method", "rtn", "--format", "gptq"])
+    q = quantize_checkpoint(tiny_dense[0], tmp_path / "q", 4, 32, "rtn", symmetric=True)
+    two_steps = export_checkpoint(q, tmp_path / "two")
+    assert (tmp_path / "direct" / "model.safetensors").read_bytes() == \
+        (two_steps / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "q", "two"]

@@ -165,6 +165,8 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
             if (src / fname).is_file():
                 shutil.copy2(src / fname, tmp / fname)
         raw["torch_dtype"] = "float16"
+        if "dtype" in raw:  # transformers 5's name for it
+            raw["dtype"] = "float16"
         raw["quantization_config"] = {
             "quant_method": "gptq", "bits": 4, "group_size": g, "sym": True, "desc_act": False,
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01,

@@ -229,7 +229,7 @@ def cmd_quantize(args):
 
 def cmd_export(args):
     from qlite.export import export_checkpoint
-    print(export_checkpoint(args.src, args.out, fmt=args.format, force=args.force,
+    print(export_checkpoint(args.src, args.out, fmt=args.fmt, force=args.force,
                             progress=progress_printer()))
 
 
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a qlite int4 checkpoint as GPTQ (vLLM, SGLang)")
     p.add_argument("src", help="model directory written by qlite quantize --symmetric")
     p.add_argument("out", help="new model directory")
-    p.add_argument("--format", default="gptq", choices=["gptq"])
+    p.add_argument("--format", dest="fmt", default="gptq", choices=["gptq"])
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
 

@@ -47,7 +47,7 @@ def _check_source(src: Path) -> dict:
         raise QliteError(f"{config}: int{q.get('bits')} checkpoint; GPTQ export takes int4")
     if not q.get("symmetric"):
         raise QliteError(f"{config}: asymmetric int4 (float zero points) has no exact GPTQ "
-                         f"form; quantize with --symmetric")
+                         f"form; quantize with symmetric=True")
     return raw
 
 
@@ -108,14 +108,14 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
     from qlite.quantize import COPIED, SHARD_BYTES, _Reader, _write_json
 
     if fmt not in FORMATS:
-        raise QliteError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise QliteError(f"fmt {fmt!r}: choose one of {', '.join(FORMATS)}")
     src = Path(src).expanduser().absolute()
     out = Path(out).expanduser().absolute()
     if not src.is_dir():
         raise QliteError(f"{src}: no such model directory")
     raw = _check_source(src)
     if out.exists() and not force:
-        raise QliteError(f"{out}: already exists (use --force to replace it)")
+        raise QliteError(f"{out}: already exists (force=True replaces it)")
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):
         raise QliteError(f"{out}: the output must not be the source or inside it")
     q = raw.pop("quantization")
@@ -195,10 +195,10 @@ def quantize_as_gptq(src, out, force: bool = False, progress=None, **options) ->
     checkpoint beside `out`, export it to `out`, remove the temporary one."""
     from qlite.quantize import quantize_checkpoint
     if options.get("bits", 4) != 4:
-        raise QliteError(f"--format gptq: int4 only, got --bits {options['bits']}")
+        raise QliteError(f"bits {options['bits']}: the gptq format is int4 only")
     out = Path(out).expanduser().absolute()
     if out.exists() and not force:
-        raise QliteError(f"{out}: already exists (use --force to replace it)")
+        raise QliteError(f"{out}: already exists (force=True replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.qlite-", dir=out.parent))
     try:

@@ -30,7 +30,7 @@ def qlite_to_gptq(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     that GPTQ's integer zeros cannot hold: refused."""
     if zeros is not None:
         raise QliteError(f"{name}: asymmetric int4 (float zero points) has no exact GPTQ form; "
-                         f"quantize with --symmetric")
+                         f"quantize with symmetric=True")
     codes = unpack_int4(qweight).to(torch.int64)  # [N, K]
     n, k = codes.shape
     if k % 8 or n % 8 or k % group_size:

@@ -115,7 +115,7 @@ def test_moe_export_writes_experts_one_by_one(moe32, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=4, group_size=32, method="rtn"), "asymmetric int4.*--symmetric"),
+    (dict(bits=4, group_size=32, method="rtn"), "asymmetric int4.*symmetric=True"),
     (dict(bits=8, method="rtn"), "int8 checkpoint; GPTQ export takes int4"),
 ])
 def test_refuses_what_gptq_cannot_hold(tiny_dense, tmp_path, kwargs, match):

@@ -11,7 +11,9 @@ matrix is read and quantized in row blocks of at most `ROW_BLOCK_ELEMENTS` (rows
 independent for RTN and HQQ: groups run along the input dimension). Routed experts, stored one
 per expert in published checkpoints, are quantized expert by expert into their slice of the
 stacked tensor. Peak memory is therefore a row block and its quantizer temporaries plus one
-quantized matrix, whatever the model's size.
+quantized matrix, whatever the model's size. `method="gptq"` instead runs the model on
+calibration text, one decoder layer at a time (qlite/calibrate.py): one layer in float32 and its
+Hessians at a time.
 
 Atomicity. Everything is written into a temporary sibling directory `.OUT.tmp-*`, config.json
 last, and renamed to OUT at the end; an interrupted run leaves no OUT (or the previous OUT, with

@@ -124,13 +124,14 @@ def test_interrupted_gptq_leaves_nothing(tiny_dense, text, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(bits=8, method="gptq"), "method gptq: int4 only"),
-    (dict(bits=4, method="hqq", calibration_tokens=512), "only with method gptq"),
-    (dict(bits=4, method="gptq", calibration_tokens=100), "at least 512"),
-    (dict(bits=4, method="gptq", calibration="/nonexistent.txt"), "nonexistent.txt: unreadable"),
+    (dict(bits=4, group_size=32, method="hqq", calibration_tokens=512), "only with method gptq"),
+    (dict(bits=4, group_size=32, method="gptq", calibration_tokens=100), "at least 512"),
+    (dict(bits=4, group_size=32, method="gptq", calibration="/nonexistent.txt"),
+     "nonexistent.txt: unreadable"),
 ])
 def test_bad_calibration_options_write_nothing(tiny_dense, tmp_path, kwargs, match):
     with pytest.raises(QliteError, match=match):
-        quantize_checkpoint(tiny_dense[0], tmp_path / "q", group_size=32, **kwargs)
+        quantize_checkpoint(tiny_dense[0], tmp_path / "q", **kwargs)
     assert list(tmp_path.iterdir()) == []
 
 

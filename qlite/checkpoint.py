@@ -44,8 +44,8 @@ class TensorInfo:
         return DTYPES[self.dtype]
 
 
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors header; fail on a file shorter than its header says."""
+def _raw_header(file: Path) -> tuple[dict, int, int]:
+    """(the header's JSON object, its length n, the file size): data starts at byte 8 + n."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -58,19 +58,55 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QliteError(f"{file}: unreadable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise QliteError(f"{file}: the safetensors header is not a JSON object")
+    return header, n, size
+
+
+def read_metadata(file: Path) -> dict:
+    """The `__metadata__` of one safetensors file (str -> str; empty if none)."""
+    meta = _raw_header(file)[0].get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors header and check it against the file before any tensor is read:
+    each tensor's data_offsets must span exactly dtype x shape bytes, and the tensors must tile
+    the data area (no overlap, no gap) up to the end of the file, as the format requires."""
+    header, n, size = _raw_header(file)
     header.pop("__metadata__", None)
-    tensors, data_end = {}, 0
+    tensors = {}
     for name, meta in header.items():
-        if meta["dtype"] not in DTYPES:
-            raise QliteError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        begin, end = meta["data_offsets"]
-        data_end = max(data_end, end)
-        tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), end - begin,
-                                   8 + n + begin)
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise QliteError(f"{file}: tensor {name!r} has a malformed header entry {meta!r}")
+        if dtype not in DTYPES:
+            raise QliteError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = nbytes_of(shape, DTYPES[dtype])
+        if end - begin != nbytes:
+            raise QliteError(f"{file}: tensor {name!r} has data_offsets [{begin}, {end}] "
+                             f"({end - begin} bytes) but {dtype} {list(shape)} takes {nbytes} bytes")
+        tensors[name] = TensorInfo(name, file, dtype, shape, nbytes, 8 + n + begin)
+    data_end, last = 0, None  # bytes of the data area covered so far, by tensors up to `last`
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.nbytes)):
+        begin = t.start - 8 - n
+        if begin < data_end:
+            raise QliteError(f"{file}: tensor {t.name!r} (data_offsets [{begin}, "
+                             f"{begin + t.nbytes}]) overlaps tensor {last.name!r}")
+        if begin > data_end:
+            raise QliteError(f"{file}: {begin - data_end} bytes before tensor {t.name!r} belong "
+                             f"to no tensor")
+        data_end, last = begin + t.nbytes, t
     if 8 + n + data_end > size:
-        last = max(tensors.values(), key=lambda t: header[t.name]["data_offsets"][1])
         raise QliteError(f"{file}: truncated: tensor {last.name!r} ends at byte {8 + n + data_end}"
                          f" but the file has {size} bytes")
+    if 8 + n + data_end < size:
+        raise QliteError(f"{file}: {size - 8 - n - data_end} bytes after the last tensor belong "
+                         f"to no tensor")
     return tensors
 
 

@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import math
+import struct
 import sys
 
 import pytest
@@ -428,3 +429,54 @@ def test_progress_on_a_terminal_updates_one_line():
     show("loading weights", 0, 10)
     show("loading weights", 10, 10)
     assert term.getvalue().count("\r") == 2 and term.getvalue().endswith("\n")
+
+
+# ---- h11s: items 3, 4, 5, 10 ----------------------------------------------------------------
+
+def cli_status(argv, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of `qlite ARGV`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def listing(path) -> dict:
+    return {p.relative_to(path): p.stat().st_size for p in sorted(path.rglob("*"))}
+
+
+# ---- 3: safetensors headers whose data_offsets do not describe the file -------------------
+
+def write_safetensors(file, header: dict, data_bytes: int):
+    raw = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_bytes))
+
+
+TINY_CONFIG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=8, hidden_size=4,
+                   intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                   num_key_value_heads=1)
+
+
+@pytest.mark.parametrize("tensors, data_bytes, message", [
+    ({"a": ("F32", [2, 2], [0, 12])}, 12,
+     "tensor 'a' has data_offsets [0, 12] (12 bytes) but F32 [2, 2] takes 16 bytes"),
+    ({"a": ("F32", [2], [8, 0])}, 8,
+     "tensor 'a' has data_offsets [8, 0] (-8 bytes) but F32 [2] takes 8 bytes"),
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [4, 12])}, 12,
+     "tensor 'b' (data_offsets [4, 12]) overlaps tensor 'a'"),
+    ({"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [12, 20])}, 20,
+     "4 bytes before tensor 'b' belong to no tensor"),
+    ({"a": ("F32", [2], [0, 8])}, 24, "16 bytes after the last tensor belong to no tensor"),
+], ids=["size", "reversed", "overlap", "gap", "trailing"])
+def test_inspect_reports_data_offsets_that_do_not_tile_the_file(tmp_path, capsys, tensors,
+                                                                 data_bytes, message):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
+    header = {name: {"dtype": d, "shape": s, "data_offsets": o} for name, (d, s, o) in tensors.items()}
+    write_safetensors(model / "model.safetensors", header, data_bytes)
+    before = listing(tmp_path)
+    status, err = cli_status(["inspect", str(model)], capsys)
+    assert (status, err) == (1, f"qlite: error: {model / 'model.safetensors'}: {message}\n")
+    status, err = cli_status(["generate", "--model", str(model), "--prompt", "x"], capsys)
+    assert (status, err) == (1, f"qlite: error: {model / 'model.safetensors'}: {message}\n")
+    assert listing(tmp_path) == before

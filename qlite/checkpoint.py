@@ -132,6 +132,16 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def check_run(model_dir: Path, run_id: str):
+    """`qlite quantize` names its run in every shard's header (written first) and in
+    config.json (written last, once every byte is on disk): shards of an interrupted run with a
+    config.json copied beside them, or of two runs mixed, do not load."""
+    for file in checkpoint_files(model_dir):
+        if read_metadata(file).get("qlite_run") != run_id:
+            raise QliteError(f"{file}: not written by the qlite quantize run that wrote "
+                             f"config.json (an interrupted or mixed output: quantize again)")
+
+
 def read_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
     """Name -> TensorInfo over all shards of a checkpoint."""
     tensors: dict[str, TensorInfo] = {}
@@ -141,6 +151,44 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
                 raise QliteError(f"{file}: tensor {name!r} also in {tensors[name].file.name}")
             tensors[name] = info
     return tensors
+
+
+class TensorReader:
+    """Reads tensors, or row ranges of them, with plain file reads into memory torch allocates.
+    No mmap: the file's pages do not stay resident beside what the caller keeps (a converted
+    copy, a quantized matrix), and every tensor is aligned as torch aligns it, whatever its
+    offset in the file (CPU kernels may round differently on misaligned data)."""
+
+    def __init__(self, index: dict[str, TensorInfo]):
+        self.index = index
+        self.handles = {}
+
+    def rows(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        """Rows r0:r1 (along dim 0) of a tensor (all of it by default), in its own dtype."""
+        src = self.index[name]
+        shape = list(src.shape)
+        if r0 is None:
+            r0, r1 = 0, shape[0] if shape else 1
+        if shape:
+            shape[0] = r1 - r0
+        out = torch.empty(shape, dtype=src.torch_dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        f = self.handles.get(src.file)
+        if f is None:
+            f = self.handles[src.file] = open(src.file, "rb", buffering=0)
+        f.seek(src.start + r0 * (src.nbytes // max(src.shape[0], 1) if src.shape else 0))
+        got = 0
+        while got < len(buf):
+            n = f.readinto(buf[got:])
+            if not n:
+                raise QliteError(f"{src.file}: truncated at tensor {name!r}")
+            got += n
+        return out
+
+    def close(self):
+        for f in self.handles.values():
+            f.close()
+        self.handles.clear()
 
 
 # Published MoE checkpoints store each routed expert apart; the model stacks them.
@@ -196,7 +244,7 @@ class ShardWriter:
     index file when there are several. close() checks that every byte was written."""
 
     def __init__(self, out: Path, entries: list[tuple[str, tuple, torch.dtype]],
-                 shard_bytes: int):
+                 shard_bytes: int, metadata: dict[str, str] | None = None):
         self.out = out
         shards, cur, size = [], [], 0
         for e in entries:
@@ -214,7 +262,7 @@ class ShardWriter:
         for i, shard in enumerate(shards):
             fname = ("model.safetensors" if len(shards) == 1
                      else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
             for name, shape, dtype in shard:
                 n = nbytes_of(shape, dtype)
                 header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
@@ -297,8 +345,8 @@ def describe(path) -> str:
         lines.append(f"  {dtype:<14} {params[dtype] / 1e6:,.1f}M elements, "
                      f"{nbytes[dtype] / 1e6:,.1f} MB")
     if cfg.quantization:  # written by qlite quantize, with the source checkpoint's size
-        q = {k: v for k, v in cfg.quantization.items() if k not in ("source_bytes",
-                                                                    "quantized_bytes")}
+        q = {k: v for k, v in cfg.quantization.items()
+             if k not in ("source_bytes", "quantized_bytes", "run_id")}
         lines.append("  quantization   " + ", ".join(f"{k}={v}" for k, v in q.items()))
         source = cfg.quantization.get("source_bytes")
         if source:

@@ -1,8 +1,9 @@
 """`qlite.load`: a model directory -> a ready Qwen2 on the chosen device and dtype.
 
 The model is built on the `meta` device (no memory), the checkpoint's headers are checked
-against it, then each tensor is read from the memory-mapped file and moved straight to its
-device and dtype: there is never a second full copy of the model in RAM.
+against it, then each tensor is read with plain file reads and moved to its device and dtype;
+a tensor that changes dtype is converted a block of rows at a time. Peak memory is therefore
+the loaded model plus one block (bfloat16 from a float32 checkpoint: about half the file).
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
-from qlite.checkpoint import check_tensors, read_checkpoint, tensor_sources
+from qlite.checkpoint import TensorReader, check_run, check_tensors, read_checkpoint, tensor_sources
 from qlite.config import load_config, resolve_dtype
 from qlite.errors import QliteError, QliteWarning
 from qlite.model import Qwen2
@@ -26,6 +26,7 @@ from qlite.tokenizer import Tokenizer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _QUANT_PARAMS = (".scales", ".zeros")
+CONVERT_ELEMENTS = 1 << 22  # a tensor changing dtype or device is moved 4M elements at a time
 
 
 def resolve_device(device) -> torch.device:
@@ -74,34 +75,43 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
     params = model.state_dict(keep_vars=True)
     total = sum(tensors[n].nbytes for parts in sources.values() for n, _ in parts if n in tensors)
     done = 0
-    handles = {}
+    reader = TensorReader(tensors)
 
     def read(name, device):
         info = tensors[name]
-        if info.file not in handles:
-            handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        t = handles[info.file].get_tensor(name)
         # Quantization scales and zeros keep their float16: bfloat16 would round them.
-        cast = t.is_floating_point() and not name.endswith(_QUANT_PARAMS)
-        return t.to(device=device, dtype=dtype if cast else t.dtype)
+        cast = info.torch_dtype.is_floating_point and not name.endswith(_QUANT_PARAMS)
+        target = dtype if cast else info.torch_dtype
+        if device.type == "cpu" and target == info.torch_dtype:
+            return reader.rows(name)  # read straight into the tensor the model keeps
+        out = torch.empty(info.shape, dtype=target, device=device)
+        if not info.shape:
+            return out.copy_(reader.rows(name))
+        step = max(1, CONVERT_ELEMENTS * info.shape[0] // max(out.numel(), 1))
+        for r0 in range(0, info.shape[0], step):
+            r1 = min(info.shape[0], r0 + step)
+            out[r0:r1].copy_(reader.rows(name, r0, r1))
+        return out
 
-    for key, parts in sources.items():
-        if model.config.tie_word_embeddings and key == "lm_head.weight":
-            continue
-        device = place(key)
-        if parts[0][1] is None:
-            value = read(parts[0][0], device)
-        else:
-            like = params[key]
-            value = torch.empty(like.shape, device=device,
-                                dtype=dtype if like.is_floating_point() else like.dtype)
-            for name, index in parts:
-                value[index] = read(name, device)
-        set_tensor(model, key, value)
-        done += sum(tensors[n].nbytes for n, _ in parts)
-        if progress:
-            progress("loading weights", done, total)
-    handles.clear()
+    try:
+        for key, parts in sources.items():
+            if model.config.tie_word_embeddings and key == "lm_head.weight":
+                continue
+            device = place(key)
+            if parts[0][1] is None:
+                value = read(parts[0][0], device)
+            else:
+                like = params[key]
+                value = torch.empty(like.shape, device=device,
+                                    dtype=dtype if like.is_floating_point() else like.dtype)
+                for name, index in parts:
+                    value[index] = read(name, device)
+            set_tensor(model, key, value)
+            done += sum(tensors[n].nbytes for n, _ in parts)
+            if progress:
+                progress("loading weights", done, total)
+    finally:
+        reader.close()
 
 
 def load(path="demo", device=None, dtype=None, context: int | None = None,
@@ -140,6 +150,8 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
                 warnings.warn(f"{model_dir}: the CPU int4/int8 kernel is unavailable "
                               f"({cpu_gemv.why_unavailable()}); torch's slower ops are used",
                               QliteWarning, stacklevel=2)
+    if config.quantization and config.quantization.get("run_id"):
+        check_run(model_dir, config.quantization["run_id"])
     # With offloading the plan keeps routed experts (maybe the embedding) in host memory.
     place = plan.place if offload else (lambda key: device)
     load_weights(model, model_dir, place, dtype, progress)

@@ -6,7 +6,7 @@ Memory. The output's tensor names, shapes and dtypes are known before any weight
 are the state dict of the model built on the `meta` device and passed through
 `swap_to_quantized` -- exactly what `qlite.load` will expect. So every safetensors header is
 written first and each tensor's bytes go straight to their place in the file. Source tensors
-are read with plain file reads (no mmap: mapped pages would count as resident memory) and a big
+are read with plain file reads (checkpoint.TensorReader: no mmap) and a big
 matrix is read and quantized in row blocks of at most `ROW_BLOCK_ELEMENTS` (rows are
 independent for RTN and HQQ: groups run along the input dimension). Routed experts, stored one
 per expert in published checkpoints, are quantized expert by expert into their slice of the
@@ -25,11 +25,16 @@ if it is 16-bit, else in `dtype_16bit` (bfloat16 by default).
 """
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -38,10 +43,10 @@ import torch
 import torch.nn as nn
 
 from qlite.calibrate import DEFAULT_TOKENS, FALLBACK, calibration_ids, gptq_layers
-from qlite.checkpoint import (DTYPES, ShardWriter, TensorInfo, check_tensors, nbytes_of,
-                              read_checkpoint, tensor_sources)
+from qlite.checkpoint import (DTYPES, ShardWriter, TensorReader, check_tensors, read_checkpoint,
+                              tensor_sources)
 from qlite.config import config_from_dict, load_config
-from qlite.errors import QliteError
+from qlite.errors import QliteError, QliteWarning
 from qlite.model import Experts, Qwen2
 from qlite.quant.swap import (DTYPES_16, QuantConfig, owner, quantize_matrix, quantized_targets,
                               swap_to_quantized)
@@ -52,6 +57,8 @@ ROW_BLOCK_ELEMENTS = 1 << 22  # read and quantize big matrices 4M weights (16 MB
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "tokenizer.model", "generation_config.json",
           "chat_template.json", "chat_template.jinja", "LICENSE", "README.md")
+# What a model directory may hold, for force to replace it (besides *.safetensors).
+MODEL_FILES = {"config.json", "model.safetensors.index.json", ".gitattributes", *COPIED}
 
 Progress = Callable[..., None]  # (stage, done, total) and optionally tensors=(done, total)
 CALIBRATED = ("gptq",)  # methods that run the model on calibration text (qlite/calibrate.py)
@@ -77,45 +84,6 @@ def quantize_rows(read_rows: Callable[[int, int], torch.Tensor], n: int, k: int,
         del block
     return {name: ts[0] if len(ts) == 1 else torch.cat(ts, dim=_row_dim(name, q.bits))
             for name, ts in parts.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the source: plain reads of byte ranges (no mmap).
-
-class _Reader:
-    def __init__(self, index: dict[str, TensorInfo]):
-        self.index = index
-        self.handles = {}
-
-    def rows(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
-        """Rows r0:r1 (along dim 0) of a source tensor, in its own dtype, freshly allocated."""
-        src = self.index[name]
-        dtype = src.torch_dtype
-        shape = list(src.shape)
-        row = nbytes_of(shape[1:], dtype)
-        if r0 is None:
-            r0, r1 = 0, shape[0] if shape else 1
-        if shape:
-            shape[0] = r1 - r0
-        f = self.handles.get(src.file)
-        if f is None:
-            f = self.handles[src.file] = open(src.file, "rb", buffering=0)
-        buf = bytearray((r1 - r0) * row)
-        f.seek(src.start + r0 * row)
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            n = f.readinto(view[got:])
-            if not n:
-                raise QliteError(f"{src.file}: truncated at tensor {name!r}")
-            got += n
-        if not buf:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).view(shape)
-
-    def close(self):
-        for f in self.handles.values():
-            f.close()
-        self.handles.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +158,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
     src_path = Path(src).expanduser().absolute()
     if out.exists() and not force:
         raise QliteError(f"{out}: already exists (force=True replaces it)")
+    if out.exists():
+        _check_replaceable(out)
     if out == src_path or src_path.is_relative_to(out) or out.is_relative_to(src_path):
         raise QliteError(f"{out}: the output must not be the source or inside it")
     if src_path.suffix != ".gguf":  # a GGUF's header is checked by the conversion
@@ -199,8 +169,11 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
     call = _progress_caller(progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    run_id = uuid.uuid4().hex
     writer = reader = None
+    restore = _sigterm_as_exit()
     try:
         tmp.chmod(0o755)
         src_dir = _source_of(src_path, tmp, progress)
@@ -238,8 +211,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
             dtype = t.dtype if not t.is_floating_point() or quantized else keep_dtype
             entries.append((key, tuple(t.shape), dtype))
         dtypes = {k: d for k, _, d in entries}
-        writer = ShardWriter(tmp, entries, SHARD_BYTES)
-        reader = _Reader(tensors)
+        writer = ShardWriter(tmp, entries, SHARD_BYTES, {"qlite_run": run_id})
+        reader = TensorReader(tensors)
 
         total = sum(tensors[n].nbytes for key, parts in sources.items()
                     if not (cfg.tie_word_embeddings and key == "lm_head.weight")
@@ -279,7 +252,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
             if (src_dir / fname).is_file():
                 shutil.copy2(src_dir / fname, tmp / fname)
         raw["quantization"] = dict(q.to_dict(), source_bytes=total,
-                                   quantized_bytes=info["total_size"])
+                                   quantized_bytes=info["total_size"], run_id=run_id)
         if calib_stats:
             raw["quantization"]["calibration"] = calib_stats
         raw["torch_dtype"] = q.dtype_16bit
@@ -288,7 +261,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
         shutil.rmtree(tmp / "source", ignore_errors=True)
         _write_json(tmp / "config.json", raw)  # last: a directory without it is no model
         if out.exists():  # force: replace the old output only now that the new one is whole
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.rename(out, old / "x")
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -301,6 +274,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
             reader.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        restore()
     return out
 
 
@@ -319,7 +294,69 @@ def _calibrated(src_dir, cfg, targets, q, sources, reader, writer, dtypes, calib
     return done, dict(stats, text=text)
 
 
-def _quantize_module(name, m, q: QuantConfig, sources, reader: _Reader, writer: ShardWriter,
+def _sigterm_as_exit():
+    """Until the returned function is called, SIGTERM (what timeout, systemd and docker stop
+    send) ends the job like Ctrl-C: the cleanup runs, then the process exits with 143. Only the
+    main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_stale(out: Path):
+    """What a killed run on the same output left, `.OUT.tmp-PID-*` (and `.OUT.old-PID-*`, the
+    previous output while force replaced it), goes when process PID is gone, with a warning.
+    A previous output caught between the two renames of a replacement is put back."""
+    for kind in ("tmp", "old"):
+        for path in map(Path, glob.glob(os.path.join(glob.escape(str(out.parent)),
+                                                     f".{glob.escape(out.name)}.{kind}-*"))):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-")[0]
+            if _alive(int(pid) if pid.isdigit() else None):
+                continue
+            if kind == "old" and not out.exists() and (path / "x").is_dir():
+                os.rename(path / "x", out)
+                what = f"put back {out}, which an interrupted run was replacing"
+            else:
+                what = "removed what an interrupted run left"
+            shutil.rmtree(path, ignore_errors=True)
+            warnings.warn(f"{path}: {what}", QliteWarning, stacklevel=3)
+
+
+def _check_replaceable(out: Path):
+    """force replaces a model directory (config.json, safetensors weights, the files copied
+    beside them) and nothing else: not a file, not a folder holding anything of the user's."""
+    why = None
+    if not out.is_dir():
+        why = "it is not a directory"
+    else:
+        names = {p.name for p in out.iterdir()}
+        foreign = sorted(n for n in names - MODEL_FILES if not n.endswith(".safetensors"))
+        if foreign:
+            why = f"{foreign[0]!r} is not part of a model directory"
+        elif "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+            why = "it has no config.json and safetensors weights"
+    if why:
+        raise QliteError(f"{out}: not replaced: {why} (force=True replaces only a model directory)")
+
+
+def _quantize_module(name, m, q: QuantConfig, sources, reader: TensorReader, writer: ShardWriter,
                      dtypes) -> int:
     """Quantize one target module from the source, writing its buffers; return source bytes."""
     nbytes = 0

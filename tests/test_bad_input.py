@@ -480,3 +480,128 @@ def test_inspect_reports_data_offsets_that_do_not_tile_the_file(tmp_path, capsys
     status, err = cli_status(["generate", "--model", str(model), "--prompt", "x"], capsys)
     assert (status, err) == (1, f"qlite: error: {model / 'model.safetensors'}: {message}\n")
     assert listing(tmp_path) == before
+
+
+# ---- 10: loading a float32 checkpoint in bfloat16 on the CPU peaks at about the result ---
+
+LOAD_MEMORY_SCRIPT = """
+import json, resource, sys
+import qlite
+qlite.load(sys.argv[1], device="cpu", dtype="bfloat16")  # imports, allocator warm-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = qlite.load(sys.argv[2], device="cpu", dtype="bfloat16")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth": (after - before) * 1024,
+                  "result": sum(t.nbytes for t in model.state_dict().values())}))
+"""
+
+
+def test_bfloat16_load_of_a_float32_checkpoint_peaks_at_the_result_size(tiny_dense, tmp_path):
+    """The float32 file is 192 MB, the bfloat16 model 96 MB. Mapping the file and converting
+    (what load did) peaked at file + result, 288 MB of growth; reading a block of rows at a time
+    peaks at the result plus one 16 MB block. Bound: result + 64 MB (blocks and allocator)."""
+    import subprocess
+    import sys
+    from test_quantize import _synthetic_checkpoint
+    src = tmp_path / "f32"
+    total, _ = _synthetic_checkpoint(src, layers=4, hidden=512, inter=2048, vocab=32768,
+                                     shard=1 << 30)
+    out = subprocess.run([sys.executable, "-c", LOAD_MEMORY_SCRIPT, str(tiny_dense[0]), str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["result"] == total // 2
+    assert got["growth"] < got["result"] + (64 << 20), (got, total)
+
+
+# ---- 5: --force replaces a model directory, nothing else ----------------------------------
+
+@pytest.mark.parametrize("victim, why", [
+    ({"important.txt": b"keep me", "config.json": b"{}"}, "'important.txt' is not part of a model directory"),
+    ({"notes": None}, "'notes' is not part of a model directory"),
+    ({"tokenizer.json": b"{}"}, "it has no config.json and safetensors weights"),
+    ("a file", "it is not a directory"),
+], ids=["foreign-file", "foreign-folder", "no-weights", "file"])
+def test_force_refuses_what_is_not_a_model_directory(tiny_dense, tmp_path, capsys, victim, why):
+    out = tmp_path / "victim"
+    if isinstance(victim, str):
+        out.write_text(victim)
+    else:
+        out.mkdir()
+        for name, data in victim.items():
+            (out / name).mkdir() if data is None else (out / name).write_bytes(data)
+    before = listing(tmp_path)
+    status, err = run_cli(["quantize", str(tiny_dense[0]), str(out), "--bits", "8", "--force"],
+                          capsys)
+    assert (status, err) == (1, f"qlite: error: {out}: not replaced: {why} (--force replaces only "
+                                f"a model directory)\n")
+    assert listing(tmp_path) == before
+
+
+# ---- 4: a quantize run that is killed leaves nothing that loads, and nothing for long -----
+
+SLOW_QUANTIZE = """
+import sys, time
+from qlite.quantize import quantize_checkpoint
+def slow(stage, done, total, tensors=None):
+    if tensors[0] == 5:
+        open(sys.argv[3], "w").close()
+        time.sleep(60)
+quantize_checkpoint(sys.argv[1], sys.argv[2], 8, method="rtn", progress=slow)
+"""
+
+
+def start_and_signal(src, out, sig) -> tuple[int, str]:
+    """Run a quantize of src into out, send `sig` once it is writing; (exit status, stderr)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    marker = out.parent / "started"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZE, str(src), str(out), str(marker)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    marker.unlink()
+    return proc.returncode, err
+
+
+def test_sigterm_ends_a_quantize_run_like_ctrl_c(tiny_dense, tmp_path):
+    import signal
+    status, err = start_and_signal(tiny_dense[0], tmp_path / "q", signal.SIGTERM)
+    assert (status, err) == (143, "")
+    assert listing(tmp_path) == {}  # no output, no temporary directory
+
+
+def test_a_killed_run_never_loads_and_the_next_run_cleans_up(tiny_dense, tmp_path, capsys):
+    import shutil
+    import signal
+    import qlite
+    from qlite.errors import QliteError
+    from qlite.quantize import quantize_checkpoint
+    done = quantize_checkpoint(tiny_dense[0], tmp_path / "done", 8, method="rtn")
+    status, _ = start_and_signal(tiny_dense[0], tmp_path / "q", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".q.tmp-")]
+    # The shards are all there, full size, but not all written: with a finished run's
+    # config.json copied in they still do not load.
+    shutil.copy(done / "config.json", left / "config.json")
+    with pytest.raises(QliteError) as e:
+        qlite.load(left)
+    assert str(e.value) == (f"{left / 'model.safetensors'}: not written by the qlite quantize run "
+                            f"that wrote config.json (an interrupted or mixed output: quantize again)")
+    main(["quantize", str(tiny_dense[0]), str(tmp_path / "q"), "--bits", "8", "--method", "rtn"])
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"qlite: warning: {left}: removed what an interrupted run "
+                                   f"left\n")
+    assert captured.out == f"{tmp_path / 'q'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "q"]
+    qlite.load(tmp_path / "q")

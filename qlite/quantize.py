@@ -15,9 +15,12 @@ quantized matrix, whatever the model's size. `method="gptq"` instead runs the mo
 calibration text, one decoder layer at a time (qlite/calibrate.py): one layer in float32 and its
 Hessians at a time.
 
-Atomicity. Everything is written into a temporary sibling directory `.OUT.tmp-*`, config.json
-last, and renamed to OUT at the end; an interrupted run leaves no OUT (or the previous OUT, with
-`force`), and the temporary directory is removed unless the process was killed outright.
+Atomicity. Everything is written into a temporary sibling directory `.OUT.tmp-PID-*`,
+config.json last, and renamed to OUT at the end; an interrupted run (an exception, Ctrl-C,
+SIGTERM) leaves no OUT (or the previous OUT, with `force`) and no temporary directory. A run
+killed outright leaves its directory; the next run on OUT removes it once PID is gone. Each
+run's id is in every shard's header and in config.json, and `qlite.load` checks they agree, so
+shards that were never finished do not load even with a config.json copied beside them.
 
 What is quantized, and the `quantization` section of config.json: quant/swap.py (the same
 rule and QuantConfig that `qlite.load` reads back). Kept tensors are stored in the source dtype

@@ -23,10 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qlite.errors import QliteError
-
-# Linears kept as they are: the router and the one-row shared-expert gate (tiny, and routing
-# decisions are sensitive to them).
-_ALWAYS_SKIP = ("mlp.gate", "shared_expert_gate")
+from qlite.quant.swap import ROUTER_NAMES  # kept as they are, as qlite's quantization keeps them
 
 
 def _bnb():
@@ -92,7 +89,7 @@ def to_bitsandbytes(model: nn.Module, bits: int = 4, skip=("lm_head",)) -> nn.Mo
     if bits not in (4, 8):
         raise QliteError(f"backend bnb: bits={bits}: choose 4 (NF4) or 8 (LLM.int8)")
     _bnb()
-    skip = tuple(skip) + _ALWAYS_SKIP
+    skip = tuple(skip) + ROUTER_NAMES
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         skip += ("lm_head",)  # it shares the embedding's tensor, which stays 16-bit
     targets = []

@@ -19,7 +19,6 @@ for the kernels (CI checks the plumbing; its numbers mean nothing). Each stage a
 lines to DIR/<stage>.txt as they come (DIR: $OUT, else /tmp/qlite-gpu).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -189,7 +188,8 @@ def kernels(log, dry):
                 sz = torch.stack([s, (8 - qs[4][2].float()) * s], -1).to(torch.bfloat16).contiguous()
                 tiny = (packed, sz)
                 x1 = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-                e = _err(torch.ops.aten._weight_int4pack_mm(x1, packed, 128, sz), reference.quant_matmul(x1.float(), *qs[4], 4, 128))
+                e = _err(torch.ops.aten._weight_int4pack_mm(x1, packed, 128, sz),
+                         reference.quant_matmul(x1.float(), *qs[4], 4, 128))
                 log(f"tinygemm {k}x{n} matches the reference: err={e:.2e} (its bf16 scales round once more)")
             except Exception as exc:
                 log(f"tinygemm unavailable: {type(exc).__name__}: {str(exc)[:120]}")
@@ -222,8 +222,8 @@ def kernels(log, dry):
                 rows[f"qlite-int{b}"] = (bench(fn), nbytes)
             rows["fp16-cublas"] = (bench(rot(lambda x: x @ w16.T, xh)), 2 * n * k + 4 * m * (k + n))
             if tiny is not None:
-                rows["tinygemm-int4"] = (bench(rot(lambda x: torch.ops.aten._weight_int4pack_mm(x, tiny[0], 128, tiny[1]),
-                                                   xs)), n * k // 2 + tiny[1].numel() * 2)
+                tinygemm = lambda x: torch.ops.aten._weight_int4pack_mm(x, tiny[0], 128, tiny[1])
+                rows["tinygemm-int4"] = (bench(rot(tinygemm, xs)), n * k // 2 + tiny[1].numel() * 2)
             if nf4 is not None:
                 rows["bnb-nf4"] = (bench(rot(nf4, xh)), n * k // 2 + n * k // 64 * 4)
             for name, (us, nbytes) in rows.items():
@@ -278,7 +278,8 @@ def decode(log, dry):
         model.setup_cache(1, 16 + steps + 1)
         with torch.inference_mode():
             for warm in (True, False):  # the first pass compiles (and with QLITE_TUNE=1 tunes)
-                tok = model(torch.randint(0, cfg.vocab_size, (1, 16), device=device), start=0)[0, -1].argmax().view(1, 1)
+                ids = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
+                tok = model(ids, start=0)[0, -1].argmax().view(1, 1)
                 sync(device)
                 t = time.perf_counter()
                 for pos in range(16, 16 + (2 if warm else steps)):

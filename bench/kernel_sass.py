@@ -231,7 +231,8 @@ def table(done) -> str:
             continue
         ldg = " ".join(f"{w}:{n}" for w, n in sorted(r["ldg"].items(), reverse=True))
         rows.append(f"| {c.name} | {r['arch']} | {c.num_warps}/{c.num_stages} | {r['regs']} | {r['stack']} | "
-                    f"{r['spill']} | {r['smem']} | {r['loop']} | {ldg} | {r['w128']} | {r.get('mma', 0)} | {r['ipw']} |")
+                    f"{r['spill']} | {r['smem']} | {r['loop']} | {ldg} | {r['w128']} | {r.get('mma', 0)} | "
+                    f"{r['ipw']} |")
     return "\n".join(rows)
 
 

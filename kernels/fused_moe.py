@@ -235,7 +235,8 @@ def sass_cases(bits=4, group_size=128):
                         label=f"decode-{c['BLOCK_N']}x{c['BLOCK_K']}"))
     c = _CONFIGS[0]
     return out + [dict(kernel="moe_matmul_kernel", BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                       GATE_UP=gu, A_ROW_DIV=8 if gu else 1, DOT_F32=False, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                       GATE_UP=gu, A_ROW_DIV=8 if gu else 1, DOT_F32=False, num_warps=c["num_warps"],
+                       num_stages=c["num_stages"],
                  weights_per_iter=c["BLOCK_N"] * c["BLOCK_K"] * (2 if gu else 1),
                  divisible=("N", "K", "stride_am", "stride_qe", "stride_se"),
                  label=f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}") for gu in (True, False)]

@@ -245,10 +245,13 @@ def qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
                 sz = s * (8.0 - _load_f16(z_ptr + g * N + rows, PAIRS)[:, None])
             acc0 = _int4_step(acc0, w, x_ptr, kw, offs_c, s, sz, PAIRS, F16, HAS_ZEROS)
             if BLOCK_M > 1:
-                acc1 = _int4_step(acc1, w, x_ptr + tl.minimum(1, M - 1) * stride_xm, kw, offs_c, s, sz, PAIRS, F16, HAS_ZEROS)
+                acc1 = _int4_step(acc1, w, x_ptr + tl.minimum(1, M - 1) * stride_xm, kw, offs_c, s, sz,
+                                  PAIRS, F16, HAS_ZEROS)
             if BLOCK_M > 2:
-                acc2 = _int4_step(acc2, w, x_ptr + tl.minimum(2, M - 1) * stride_xm, kw, offs_c, s, sz, PAIRS, F16, HAS_ZEROS)
-                acc3 = _int4_step(acc3, w, x_ptr + tl.minimum(3, M - 1) * stride_xm, kw, offs_c, s, sz, PAIRS, F16, HAS_ZEROS)
+                acc2 = _int4_step(acc2, w, x_ptr + tl.minimum(2, M - 1) * stride_xm, kw, offs_c, s, sz,
+                                  PAIRS, F16, HAS_ZEROS)
+                acc3 = _int4_step(acc3, w, x_ptr + tl.minimum(3, M - 1) * stride_xm, kw, offs_c, s, sz,
+                                  PAIRS, F16, HAS_ZEROS)
         else:
             acc0 = _int8_step(acc0, w, x_ptr, kw, offs_c)
             if BLOCK_M > 1:

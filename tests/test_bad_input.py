@@ -531,7 +531,7 @@ def test_force_refuses_what_is_not_a_model_directory(tiny_dense, tmp_path, capsy
         for name, data in victim.items():
             (out / name).mkdir() if data is None else (out / name).write_bytes(data)
     before = listing(tmp_path)
-    status, err = run_cli(["quantize", str(tiny_dense[0]), str(out), "--bits", "8", "--force"],
+    status, err = cli_status(["quantize", str(tiny_dense[0]), str(out), "--bits", "8", "--force"],
                           capsys)
     assert (status, err) == (1, f"qlite: error: {out}: not replaced: {why} (--force replaces only "
                                 f"a model directory)\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qlite.checkpoint import ShardWriter, read_checkpoint
+from qlite.checkpoint import ShardWriter, TensorReader, read_checkpoint
 from qlite.errors import QliteError
 
 FORMATS = ("gptq",)
@@ -105,7 +105,7 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
     """Write the qlite int4 symmetric checkpoint `src` as a `fmt` checkpoint in `out`."""
     from qlite.kernels.reference import dequantize
     from qlite.quant.gptq_awq import qlite_to_gptq
-    from qlite.quantize import COPIED, SHARD_BYTES, _Reader, _write_json
+    from qlite.quantize import COPIED, SHARD_BYTES, _write_json
 
     if fmt not in FORMATS:
         raise QliteError(f"fmt {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -130,7 +130,7 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
         tmp.chmod(0o755)
         writer = ShardWriter(tmp, [(name, shape, dtype) for name, shape, dtype, _ in plan],
                              SHARD_BYTES)
-        reader = _Reader(tensors)
+        reader = TensorReader(tensors)
 
         def packed(prefix, e=None):
             get = {leaf: (reader.rows(f"{prefix}.{leaf}") if e is None else

@@ -688,8 +688,13 @@ class Server:
         self.engine.start()
         try:
             self.uvicorn.run()
+        except SystemExit:  # uvicorn's way of saying it could not bind (it logged why)
+            pass
         finally:
             self.engine.stop()
+        if not self.uvicorn.started:
+            raise QliteError(f"--host {self.host} --port {self.uvicorn.config.port}: "
+                             "cannot listen there (in use, or not this machine's address?)")
 
     def start(self, timeout: float = 30.0) -> "Server":
         self.engine.start()

@@ -49,8 +49,8 @@ def client(served):
     return openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def connect(served, method, path, body=None, key=KEY) -> http.client.HTTPResponse:
-    """A raw request (bytes are sent as they are, anything else as JSON)."""
+def send(served, method, path, body=None, key=KEY) -> http.client.HTTPConnection:
+    """Send a raw request (bytes as they are, anything else as JSON); the answer is unread."""
     url = urlsplit(served.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
     headers = {"Content-Type": "application/json"}
@@ -58,7 +58,11 @@ def connect(served, method, path, body=None, key=KEY) -> http.client.HTTPRespons
         headers["Authorization"] = f"Bearer {key}"
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     conn.request(method, path, body=data, headers=headers)
-    return conn.getresponse()
+    return conn
+
+
+def connect(served, method, path, body=None, key=KEY) -> http.client.HTTPResponse:
+    return send(served, method, path, body, key).getresponse()
 
 
 def post(served, path, body, key=KEY) -> tuple[int, dict]:
@@ -242,6 +246,19 @@ def test_disconnect_mid_stream_frees_the_row(served, client, reference):
     assert served.engine.stats.cancelled == cancelled + 1
 
 
+def test_disconnect_before_a_whole_reply_frees_the_row(served, reference):
+    prompt, _ = _long_reply(reference, 150)
+    cancelled = served.engine.stats.cancelled
+    conn = send(served, "POST", "/v1/completions",
+                {"model": "tiny", "prompt": prompt, "max_tokens": 150, "temperature": 0})
+    time.sleep(0.05)
+    conn.close()  # gone before the reply
+    deadline = time.monotonic() + 10
+    while served.engine.stats.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert served.engine.stats.cancelled == cancelled + 1
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     ({"model": "tiny"}, 400, "messages"),
@@ -330,3 +347,12 @@ def test_demo_concurrent_chats_equal_their_solo_replies(demo_model):
     finally:
         server.stop()
         demo_model.max_context = context
+        demo_model.setup_cache(1, 0)  # generate makes the one row it needs
+
+
+def test_cli_serve_refuses_bad_options_in_one_line(tiny_dense, capsys):
+    from qlite.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tiny_dense[0]), "--max-batch", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("qlite: error: --max-batch 0")

@@ -693,8 +693,8 @@ class Server:
         finally:
             self.engine.stop()
         if not self.uvicorn.started:
-            raise QliteError(f"--host {self.host} --port {self.uvicorn.config.port}: "
-                             "cannot listen there (in use, or not this machine's address?)")
+            raise QliteError(f"host/port {self.host}:{self.uvicorn.config.port}: cannot listen "
+                             "there (in use, or not this machine's address?)")
 
     def start(self, timeout: float = 30.0) -> "Server":
         self.engine.start()

@@ -49,6 +49,11 @@ VARIANTS = {
     "int4-g128-gptq": ("gptq", dict(bits=4, group_size=128)),
     "int4-g128-gptq-sym": ("gptq", dict(bits=4, group_size=128, symmetric=True)),
     "int4-g64-gptq": ("gptq", dict(bits=4, group_size=64)),
+    # 8-bit GPTQ's layout (RTN codes, sym, groups of 128, lm_head kept 16-bit as Qwen's
+    # GPTQ-Int8 keeps it) as the checkpoint dequantizes it, and as qlite loads it: requantized
+    # to int8 per channel (qlite.quant.gptq_awq). Float weights both: the format's cost alone.
+    "gptq8-g128": ("gptq8", dict(requant=False)),
+    "gptq8-g128-as-qlite-int8": ("gptq8", dict(requant=True)),
     "bnb-nf4": ("bnb", dict(bits=4)),
     "bnb-int8": ("bnb", dict(bits=8)),
 }
@@ -92,7 +97,26 @@ def build(kind, opts, model_dir, dtype):
     elif kind == "bnb":
         from qlite.bnb import to_bitsandbytes
         to_bitsandbytes(model, **opts)
+    elif kind == "gptq8":
+        _gptq8(model, **opts)
     return model
+
+
+def _gptq8(model, requant: bool, group: int = 128):
+    from qlite.quant.gptq_awq import codes_to_qlite, dequantize_codes
+    from qlite.quant.swap import ROUTER_NAMES
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.nn.Linear) or name == "lm_head" or name.endswith(ROUTER_NAMES):
+                continue
+            w = m.weight.float().T  # [K, N], GPTQ's orientation
+            k, n = w.shape
+            s = (w.view(k // group, group, n).abs().amax(1) / 127).clamp(min=1e-8).half()
+            q = (w.view(k // group, group, n) / s.float().unsqueeze(1)).round().clamp(-128, 127)
+            codes, zeros = (q + 128).long().view(k, n), torch.full_like(s, 128, dtype=torch.long)
+            w8 = (codes_to_qlite(codes, zeros, s, 8, group, True).dequantize() if requant
+                  else dequantize_codes(codes, zeros, s, group).T)
+            m.weight.copy_(w8.to(m.weight.dtype))
 
 
 def main(argv=None):

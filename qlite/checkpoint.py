@@ -185,6 +185,11 @@ class TensorReader:
             got += n
         return out
 
+    def keep_codes(self, name: str, q) -> dict | None:
+        """A source whose codes can be kept as they are (a GGUF's 4-bit blocks, qlite/gguf.py's
+        GGUFSource) returns them here; safetensors sources have none."""
+        return None
+
     def close(self):
         for f in self.handles.values():
             f.close()
@@ -291,6 +296,17 @@ class ShardWriter:
         f.write(memoryview(data))
         self.written[name] += data.nbytes
 
+    def write_rows(self, name: str, t: torch.Tensor, r0: int):
+        """Write rows r0 : r0 + len(t) (along dim 0) of tensor `name`: a big tensor in blocks."""
+        f, start, nbytes, shape, dtype, _ = self.where[name]
+        if tuple(t.shape[1:]) != tuple(shape[1:]) or t.dtype != dtype or r0 + len(t) > shape[0]:
+            raise QliteError(f"internal: rows {r0}:{r0 + len(t)} of {name} are {t.dtype} "
+                             f"{list(t.shape)}, the format says {dtype} {list(shape)}")
+        data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        f.seek(start + r0 * (nbytes // shape[0]))
+        f.write(memoryview(data))
+        self.written[name] += data.nbytes
+
     def close(self) -> dict:
         for name, (_, _, nbytes, *_rest) in self.where.items():
             if self.written[name] != nbytes:
@@ -344,7 +360,14 @@ def describe(path) -> str:
     for dtype in sorted(params):
         lines.append(f"  {dtype:<14} {params[dtype] / 1e6:,.1f}M elements, "
                      f"{nbytes[dtype] / 1e6:,.1f} MB")
-    if cfg.quantization:  # written by qlite quantize, with the source checkpoint's size
+    if cfg.quantization and "source" in cfg.quantization:  # GPTQ / AWQ, repacked at load
+        src = cfg.quantization["source"]
+        lines.append("  quantization   " + ", ".join(f"{k}={v}" for k, v in src.items()))
+        lines.append(f"  loads as       qlite int{cfg.quantization['bits']}"
+                     + (f" g{cfg.quantization['group_size']}" if cfg.quantization["bits"] == 4
+                        else " per channel (requantized)")
+                     + (" sym" if cfg.quantization["symmetric"] else ""))
+    elif cfg.quantization:  # written by qlite quantize, with the source checkpoint's size
         q = {k: v for k, v in cfg.quantization.items()
              if k not in ("source_bytes", "quantized_bytes", "run_id")}
         lines.append("  quantization   " + ", ".join(f"{k}={v}" for k, v in q.items()))

@@ -247,7 +247,7 @@ def cmd_pull(args):
 
 def cmd_convert_gguf(args):
     from qlite.gguf import convert_gguf
-    print(convert_gguf(args.gguf, args.out, progress=progress_printer()))
+    print(convert_gguf(args.gguf, args.out, progress=progress_printer(), dtype=args.dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="where an MoE model lives for a GPU budget")
-    p.add_argument("--model", required=True, help="model directory or config.json")
+    p.add_argument("--model", required=True, help="model directory, config.json or .gguf file")
     p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16])
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--gpu-budget", default=None, help="with a unit: 24GiB or 24GB")
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-gguf", help="GGUF file -> HF-style model directory")
     p.add_argument("gguf")
     p.add_argument("out")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight dtype of the output (default bfloat16)")
     p.set_defaults(func=cmd_convert_gguf)
     return parser
 

@@ -96,6 +96,15 @@ def _rope_theta(raw: dict):
     return (raw.get("rope_parameters") or {}).get("rope_theta")
 
 
+def _imported_quantization(raw: dict, source: str) -> dict | None:
+    """A GPTQ / AWQ checkpoint's `quantization_config`, as qlite's `quantization` section."""
+    hf = raw.get("quantization_config")
+    if not hf:
+        return None
+    from qlite.gptq_awq import qlite_qcfg
+    return qlite_qcfg(hf, source)
+
+
 def config_from_dict(raw: dict, source: str = "config.json") -> Config:
     """Build a Config from a parsed config.json; `source` names the file in errors. Every size
     is checked here (a positive integer), so a bad field is named before any tensor is made."""
@@ -155,7 +164,7 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Config:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=list(eos),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-        quantization=raw.get("quantization"),
+        quantization=raw.get("quantization") or _imported_quantization(raw, source),
     )
     if cfg.quantization is not None and not isinstance(cfg.quantization, dict):
         raise QliteError(f"{source}: quantization={cfg.quantization!r} must be an object")

@@ -154,7 +154,11 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
         check_run(model_dir, config.quantization["run_id"])
     # With offloading the plan keeps routed experts (maybe the embedding) in host memory.
     place = plan.place if offload else (lambda key: device)
-    load_weights(model, model_dir, place, dtype, progress)
+    if config.quantization and "source" in config.quantization:  # GPTQ / AWQ, repacked here
+        from qlite.gptq_awq import load_weights as load_imported
+        load_imported(model, model_dir, place, dtype, progress)
+    else:
+        load_weights(model, model_dir, place, dtype, progress)
     if backend == "bnb":
         from qlite.bnb import to_bitsandbytes
         to_bitsandbytes(model, bits=bnb_bits)

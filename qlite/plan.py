@@ -246,7 +246,12 @@ def plan_text(model: str, gpu_budget=None, bits: int | None = None, context: int
     """`qlite plan --model PATH|CONFIG --bits 4 --gpu-budget 24GiB [--context N]`: the table
     for a model directory or a config.json file, computed from the config alone."""
     act = resolve_dtype(dtype, torch.device("cuda"))
-    cfg = load_config(model)
+    if str(model).endswith(".gguf"):  # planned as `qlite quantize FILE.gguf` writes it
+        from qlite.gguf import gguf_config
+        cfg = gguf_config(model)
+        bits = bits or 4
+    else:
+        cfg = load_config(model)
     if context is not None and not 0 < context <= cfg.max_position_embeddings:
         raise QliteError(f"context {context}: must be between 1 and "
                          f"max_position_embeddings={cfg.max_position_embeddings}")

@@ -124,7 +124,8 @@ def pull_demo(progress: Progress | None = None) -> Path:
     gguf_path = pull_demo_gguf(progress)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{final.name}.tmp-", dir=final.parent) as tmp:
-        model = convert_gguf(gguf_path, Path(tmp) / "model", progress)
+        # float32: the demo is checked against transformers token for token (tests/test_demo.py)
+        model = convert_gguf(gguf_path, Path(tmp) / "model", progress, dtype="float32")
         (model / MARKER).write_text(json.dumps({"source": DEMO_GGUF, "sha256": DEMO_SHA256}) + "\n")
         if final.exists():
             if is_complete(final):  # another pull finished first: use it

@@ -31,6 +31,7 @@ from __future__ import annotations
 import glob
 import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -121,17 +122,6 @@ def _check_group_size(model: nn.Module, q: QuantConfig):
                                  f"{k} of {name}.{part}")
 
 
-def _source_of(src_dir: Path, work: Path, progress) -> Path:
-    """A model directory for `src`: itself, or a GGUF file converted into `work`."""
-    src = Path(src_dir).expanduser()
-    if src.is_file() and src.suffix == ".gguf":
-        from qlite.gguf import convert_gguf
-        return convert_gguf(src, work / "source", progress)
-    if not src.is_dir():
-        raise QliteError(f"{src}: no such model directory or .gguf file")
-    return src
-
-
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
                         method: str = "hqq", keep_16bit=("embed",), force: bool = False,
                         progress: Progress | None = None, symmetric: bool = False,
@@ -179,12 +169,22 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
     restore = _sigterm_as_exit()
     try:
         tmp.chmod(0o755)
-        src_dir = _source_of(src_path, tmp, progress)
-        raw = json.loads((src_dir / "config.json").read_text())
-        if raw.get("quantization"):
-            raise QliteError(f"{src_dir}: is already quantized")
-        cfg = config_from_dict(raw, str(src_dir / "config.json"))
-        tensors = read_checkpoint(src_dir)
+        if src_path.suffix == ".gguf":  # read straight from the GGUF, tensor by tensor
+            from qlite.gguf import GGUFSource
+            reader = GGUFSource(src_path)
+            src_dir, cfg = src_path, reader.config
+            raw = cfg.to_hf_dict()
+            reader.write_tokenizer(tmp)  # the output's; calibration (gptq) reads it from there
+            tok_dir = tmp
+        else:
+            src_dir = src_path
+            raw = json.loads((src_dir / "config.json").read_text())
+            if raw.get("quantization") or raw.get("quantization_config"):
+                raise QliteError(f"{src_dir}: is already quantized")
+            cfg = config_from_dict(raw, str(src_dir / "config.json"))
+            reader = TensorReader(read_checkpoint(src_dir))
+            tok_dir = src_dir
+        tensors = reader.index
         with torch.device("meta"):
             model = Qwen2(cfg)
         sources = tensor_sources(model, tensors)
@@ -215,7 +215,6 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
             entries.append((key, tuple(t.shape), dtype))
         dtypes = {k: d for k, _, d in entries}
         writer = ShardWriter(tmp, entries, SHARD_BYTES, {"qlite_run": run_id})
-        reader = TensorReader(tensors)
 
         total = sum(tensors[n].nbytes for key, parts in sources.items()
                     if not (cfg.tie_word_embeddings and key == "lm_head.weight")
@@ -226,7 +225,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
         call("quantizing", 0, total, tensors=(0, ntotal))
         calibrated, calib_stats = set(), None
         if q.method in CALIBRATED:
-            calibrated, calib_stats = _calibrated(src_dir, cfg, targets, q, sources, reader,
+            calibrated, calib_stats = _calibrated(tok_dir, cfg, targets, q, sources, reader,
                                                   writer, dtypes, calibration,
                                                   calibration_tokens, call)
             ndone += len(calibrated)
@@ -243,7 +242,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
             if owner(key, targets) is not None or (cfg.tie_word_embeddings
                                                    and key == "lm_head.weight"):
                 continue
-            writer.write(key, reader.rows(parts[0][0]).to(dtypes[key]))
+            _copy(reader, parts[0][0], writer, key, dtypes[key])
             done += tensors[parts[0][0]].nbytes
             ndone += 1
             call("quantizing", done, total, tensors=(ndone, ntotal))
@@ -251,17 +250,19 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
         info = writer.close()
         writer = None
 
-        for fname in COPIED:
-            if (src_dir / fname).is_file():
-                shutil.copy2(src_dir / fname, tmp / fname)
+        if src_dir.is_dir():
+            for fname in COPIED:
+                if (src_dir / fname).is_file():
+                    shutil.copy2(src_dir / fname, tmp / fname)
         raw["quantization"] = dict(q.to_dict(), source_bytes=total,
                                    quantized_bytes=info["total_size"], run_id=run_id)
         if calib_stats:
             raw["quantization"]["calibration"] = calib_stats
+        if not src_dir.is_dir():  # a GGUF: how many tensors kept their codes
+            raw["quantization"]["gguf_codes_kept"] = reader.kept
         raw["torch_dtype"] = q.dtype_16bit
         if untie:
             raw["tie_word_embeddings"] = False
-        shutil.rmtree(tmp / "source", ignore_errors=True)
         _write_json(tmp / "config.json", raw)  # last: a directory without it is no model
         if out.exists():  # force: replace the old output only now that the new one is whole
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
@@ -376,14 +377,22 @@ def _quantize_module(name, m, q: QuantConfig, sources, reader: TensorReader, wri
                 continue
             per = len(parts) // e_num
             for e in range(e_num):
-                w = torch.cat([reader.rows(n).float() for n, _ in parts[e * per:(e + 1) * per]])
-                _write_packed(writer, f"{name}.{part}", _quantize_tensor(w, q), e)
-                nbytes += sum(reader.index[n].nbytes for n, _ in parts[e * per:(e + 1) * per])
-                del w
+                names = [n for n, _ in parts[e * per:(e + 1) * per]]
+                kept = [reader.keep_codes(n, q) for n in names]
+                if all(kept):  # gate and up rows stacked, as quantizing their concatenation
+                    packed = {b: torch.cat([k[b] for k in kept], dim=_row_dim(b, q.bits))
+                              for b in kept[0]}
+                else:
+                    packed = _quantize_tensor(torch.cat([reader.rows(n).float() for n in names]),
+                                              q)
+                _write_packed(writer, f"{name}.{part}", packed, e)
+                nbytes += sum(reader.index[n].nbytes for n in names)
+                del packed
         return nbytes
     src = sources[f"{name}.weight"][0][0]
     n, k = reader.index[src].shape
-    packed = quantize_rows(lambda r0, r1: reader.rows(src, r0, r1).float(), n, k, q)
+    packed = reader.keep_codes(src, q) or quantize_rows(
+        lambda r0, r1: reader.rows(src, r0, r1).float(), n, k, q)
     _write_packed(writer, name, packed, None)
     nbytes += reader.index[src].nbytes
     if getattr(m, "bias", None) is not None:
@@ -391,6 +400,18 @@ def _quantize_module(name, m, q: QuantConfig, sources, reader: TensorReader, wri
         writer.write(f"{name}.bias", reader.rows(bsrc).to(dtypes[f"{name}.bias"]))
         nbytes += reader.index[bsrc].nbytes
     return nbytes
+
+
+def _copy(reader, src: str, writer: ShardWriter, key: str, dtype: torch.dtype):
+    """A kept tensor, cast to its 16-bit dtype, in row blocks (an embedding can be the
+    biggest tensor of the model)."""
+    shape = reader.index[src].shape
+    if len(shape) < 2:
+        writer.write(key, reader.rows(src).to(dtype))
+        return
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for r0 in range(0, shape[0], step):
+        writer.write_rows(key, reader.rows(src, r0, min(shape[0], r0 + step)).to(dtype), r0)
 
 
 def _quantize_tensor(w: torch.Tensor, q: QuantConfig) -> dict:

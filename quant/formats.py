@@ -24,6 +24,16 @@ The GPU kernels read this layout as it is (no repack at load): viewed as int32 w
 a row holds k = 8c + i in nibble i, so (word >> 4p) & 0x000F000F puts k = 8c + p and 8c + p + 4
 in the two 16-bit halves, the pair the decode kernel dequantizes at once (kernels/gemv.py).
 
+Imported formats land in this layout (their own codes, no second rounding):
+  GPTQ / AWQ int4 (quant/gptq_awq.py): integer zero points and fp16 scales, which float16 holds
+       exactly: the dequantized weight equals the checkpoint's own bit for bit in float32.
+       8-bit GPTQ (group-wise scales) is requantized to int8 per channel: one extra rounding.
+  GGUF Q4_0 / Q4_1 / Q4_K as int4 g32 (quant/gguf_q4.py): Q4_0 exactly (zero 8, its fp16 d).
+       Q4_1 / Q4_K have a float offset per group: zero = -offset / scale, rounded to fp16 (and
+       Q4_K's scale d * sc too), which moves each weight by at most 2^-11 * (|w| + |offset|),
+       a few 1e-4 of the group's range against the 1/15 a requantization step would add
+       (bound asserted in tests/test_gguf_q4.py).
+
 Stacked experts carry a leading expert dimension on every tensor ([E, N, K // 2], [E, K // G, N],
 ...); each expert's bytes are contiguous.
 

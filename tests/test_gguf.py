@@ -166,7 +166,8 @@ def test_tiny_gguf_matches_transformers(tmp_path, tied):
     pytest.importorskip("accelerate")
     src = write_tiny_gguf(tmp_path / "tiny.gguf", tied=tied)
     calls = []
-    out = convert_gguf(src, tmp_path / "out", progress=lambda *a: calls.append(a))
+    out = convert_gguf(src, tmp_path / "out", progress=lambda *a: calls.append(a),
+                       dtype="float32")
 
     n_tensors = 3 + 12 * LAYERS - tied
     assert calls[-1] == ("convert", n_tensors, n_tensors) and len(calls) == n_tensors
@@ -210,7 +211,7 @@ def test_shards_stay_under_the_limit(tmp_path, monkeypatch):
     import qlite.gguf
     monkeypatch.setattr(qlite.gguf, "SHARD_BYTES", 600_000)
     src = write_tiny_gguf(tmp_path / "tiny.gguf")
-    out = convert_gguf(src, tmp_path / "out")
+    out = convert_gguf(src, tmp_path / "out", dtype="float32")
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 2
     # a shard holds tensors up to the limit, or a single bigger tensor alone
@@ -289,3 +290,143 @@ def test_demo_tokens_and_template_match_transformers(demo_dir, demo_reference):
                     "helpful assistant.<|im_end|>\n<|im_start|>user\nWrite quicksort in "
                     "Python.<|im_end|>\n<|im_start|>assistant\n")
     assert text == ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+# --- qwen2moe ----------------------------------------------------------------------------------
+E, MOE_I, SHARED_I = 4, 64, 128
+
+
+def write_tiny_moe_gguf(path, seed=1, bad_type=False):
+    """A random qwen2moe GGUF (2 layers, 4 experts, top 2, shared expert), stacked expert
+    tensors in K-quant, legacy-quant and float types. Expert sizes are not transformers'
+    Qwen2MoeConfig defaults (1408 / 5632), so a reader that ignores the metadata fails."""
+    rng = np.random.default_rng(seed)
+    tokens, merges, types = tiny_vocab()
+    w = gguf.GGUFWriter(str(path), "qwen2moe")
+    w.add_block_count(2)
+    w.add_context_length(512)
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(I)
+    w.add_expert_feed_forward_length(MOE_I)
+    w.add_expert_shared_feed_forward_length(SHARED_I)
+    w.add_expert_count(E)
+    w.add_expert_used_count(2)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    V, kv = len(tokens), KV * H // HEADS
+    add(w, rng, "token_embd.weight", (V, H), Q.Q8_0)
+    add(w, rng, "output.weight", (V, H), Q.Q6_K)
+    add(w, rng, "output_norm.weight", (H,), Q.F32)
+    kinds = [dict(gate=Q.Q4_K, up=Q.Q4_0, down=Q.Q8_0, sgate=Q.Q5_0, sup=Q.Q4_1, sdown=Q.F16),
+             dict(gate=Q.Q8_0, up=Q.F16, down=Q.Q5_1, sgate=Q.Q6_K, sup=Q.Q8_0, sdown=Q.Q4_0)]
+    for layer, t in enumerate(kinds):
+        p = f"blk.{layer}."
+        for name, shape, ty in [
+                ("attn_norm.weight", (H,), Q.F32), ("ffn_norm.weight", (H,), Q.F32),
+                ("attn_q.weight", (H, H), Q.Q8_0), ("attn_q.bias", (H,), Q.F32),
+                ("attn_k.weight", (kv, H), Q.Q5_0), ("attn_k.bias", (kv,), Q.F32),
+                ("attn_v.weight", (kv, H), Q.F16), ("attn_v.bias", (kv,), Q.F32),
+                ("attn_output.weight", (H, H), Q.Q4_K),
+                ("ffn_gate_inp.weight", (E, H), Q.F32),
+                ("ffn_gate_shexp.weight", (SHARED_I, H), t["sgate"]),
+                ("ffn_up_shexp.weight", (SHARED_I, H), t["sup"]),
+                ("ffn_down_shexp.weight", (H, SHARED_I), t["sdown"]),
+                ("ffn_gate_inp_shexp.weight", (H,), Q.F32)]:
+            if bad_type and layer == 1 and name == "ffn_norm.weight":  # I32: no float map
+                w.add_tensor(p + name, np.ones(shape, dtype=np.int32))
+                continue
+            add(w, rng, p + name, shape, ty)
+        for name, shape, ty in [("ffn_gate_exps.weight", (E, MOE_I, H), t["gate"]),
+                                ("ffn_up_exps.weight", (E, MOE_I, H), t["up"]),
+                                ("ffn_down_exps.weight", (E, H, MOE_I), t["down"])]:
+            if ty in (Q.Q4_K, Q.Q6_K):
+                raw = _kquant_blocks(rng, E * shape[1], shape[2], ty)
+                w.add_tensor(p + name, raw.reshape(E, shape[1], -1), raw_dtype=ty)
+            else:
+                add(w, rng, p + name, shape, ty)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_qwen2moe_gguf_matches_transformers(tmp_path):
+    """Same weights (float32, bit for bit), same logits, same greedy token ids as
+    transformers' GGUF loader, with the expert sizes its qwen2moe mapping ignores set by hand
+    (FACTS.md)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import qlite
+    src = write_tiny_moe_gguf(tmp_path / "moe.gguf")
+    out = convert_gguf(src, tmp_path / "out", dtype="float32")
+    cfg = load_config(out)
+    assert cfg.is_moe and (cfg.num_experts, cfg.num_experts_per_tok) == (E, 2)
+    assert (cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size) == (MOE_I, SHARED_I)
+    assert cfg.norm_topk_prob is False
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="moe.gguf", dtype=torch.float32,
+        moe_intermediate_size=MOE_I, shared_expert_intermediate_size=SHARED_I)
+    assert ref.config.norm_topk_prob is False
+    ours = converted_tensors(out)
+    ref_sd = ref.state_dict()
+    for layer in range(2):  # transformers stacks the experts in memory (gate rows first)
+        p = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = ref_sd.pop(p + "gate_up_proj"), ref_sd.pop(p + "down_proj")
+        for e in range(E):
+            ref_sd[f"{p}{e}.gate_proj.weight"] = gate_up[e, :MOE_I]
+            ref_sd[f"{p}{e}.up_proj.weight"] = gate_up[e, MOE_I:]
+            ref_sd[f"{p}{e}.down_proj.weight"] = down[e]
+    assert set(ours) == set(ref_sd)
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, ref_sd[name]), name
+
+    model = qlite.load(out, device="cpu", dtype="float32")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(ids), ref(ids).logits
+    # float32 both, summation order differs: logits are O(1); 1e-4 is ~100x the measured gap
+    assert (got - want).abs().max().item() < 1e-4
+    prompt = ids[:1]
+    want_ids = ref.generate(prompt, max_new_tokens=8, do_sample=False, top_k=None, top_p=None,
+                            temperature=None)[0, prompt.shape[1]:].tolist()
+    seq = prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert seq[prompt.shape[1]:] == want_ids
+
+
+def test_convert_defaults_to_bfloat16(tmp_path):
+    """No full-precision copy unless asked: the default output is bfloat16, the float32 values
+    rounded once."""
+    src = write_tiny_moe_gguf(tmp_path / "moe.gguf")
+    out = convert_gguf(src, tmp_path / "bf16")
+    full = convert_gguf(src, tmp_path / "f32", dtype="float32")
+    assert load_config(out).torch_dtype == "bfloat16"
+    a, b = converted_tensors(out), converted_tensors(full)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == torch.bfloat16 and torch.equal(a[name], b[name].bfloat16()), name
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(out) < 0.51 * size(full)
+
+
+def test_unreadable_tensor_type_one_line_nothing_written(tmp_path):
+    from qlite.quantize import quantize_checkpoint
+    src = write_tiny_moe_gguf(tmp_path / "bad.gguf", bad_type=True)
+    for run in (lambda: convert_gguf(src, tmp_path / "out"),
+                lambda: quantize_checkpoint(src, tmp_path / "out", 4, 32, "rtn")):
+        with pytest.raises(QliteError, match=r"^\S*bad\.gguf: tensor blk\.1\.ffn_norm\.weight has "
+                                             r"GGUF type I32, which qlite cannot read$"):
+            run()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]

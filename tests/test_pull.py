@@ -68,7 +68,7 @@ def test_pull_then_reuse_cache(fake_demo, tmp_path, monkeypatch):
 def test_interrupted_convert_leaves_no_model(fake_demo, tmp_path, monkeypatch):
     real_convert = pull.convert_gguf
 
-    def interrupted(src, out, progress=None):
+    def interrupted(src, out, progress=None, dtype="float32"):
         def stop(stage, done, total):
             if done == 5:
                 raise KeyboardInterrupt  # as if Ctrl-C hit in the middle of the weights

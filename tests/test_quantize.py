@@ -269,13 +269,47 @@ def test_gguf_source(tmp_path):
     out = quantize_checkpoint(gguf_file, tmp_path / "q", 8)
     f32 = tmp_path / "f32"
     from qlite.gguf import convert_gguf
-    convert_gguf(gguf_file, f32)
+    convert_gguf(gguf_file, f32, dtype="float32")
     ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = qlite.load(out, dtype="float32")(ids)
         ref = quantize_model(qlite.load(f32, dtype="float32"), 8, dtype_16bit="bfloat16")(ids)
     assert torch.equal(got, ref)
     assert _no_leftovers(tmp_path) and not (out / "source").exists()
+
+
+def test_gguf_moe_source_keeps_4bit_codes(tmp_path):
+    """qwen2moe GGUF -> int4 g32 straight from the file: tensors stored as Q4_0 / Q4_1 / Q4_K
+    keep their codes (Q4_0 exactly: the dequantized weight equals gguf-py's), the others are
+    quantized once from their float32 values, as quantize_model does in memory."""
+    tg = pytest.importorskip("test_gguf", reason="needs the GGUF test helpers")
+    import gguf as gguf_py
+    from qlite.kernels.reference import dequantize
+    gguf_file = tg.write_tiny_moe_gguf(tmp_path / "moe.gguf")
+    out = quantize_checkpoint(gguf_file, tmp_path / "q", 4, 32, "rtn")
+    assert _no_leftovers(tmp_path) and sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    # layer 0: attn_output Q4_K, experts gate Q4_K and up Q4_0 (stacked together), shared up
+    # Q4_1; layer 1: attn_output Q4_K, shared down Q4_0
+    assert q["gguf_codes_kept"] == 4 + 2 * tg.E
+    model = qlite.load(out, dtype="float32")
+    reader = gguf_py.GGUFReader(gguf_file)
+    up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up_exps.weight")
+    want = torch.from_numpy(gguf_py.quants.dequantize(up.data, up.tensor_type).copy())
+    experts = model.model.layers[0].mlp.experts
+    got = dequantize(*experts.gate_up_proj.packed(), 4, 32)[:, tg.MOE_I:]
+    assert torch.equal(got, want)  # Q4_0: the same weights, bit for bit
+    f32 = tmp_path / "f32"
+    from qlite.gguf import convert_gguf
+    convert_gguf(gguf_file, f32, dtype="float32")
+    ref = qlite.load(f32, dtype="float32")
+    ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = model(ids), ref(ids)
+    # int4 g32 on the tensors that were not 4-bit already: ~10% per weight (module docstring)
+    assert _rel(a, b) < 0.2
 
 
 MEMORY_SCRIPT = """

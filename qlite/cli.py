@@ -234,6 +234,10 @@ def cmd_export(args):
 
 
 def cmd_inspect(args):
+    if args.path.endswith(".gguf"):
+        from qlite.gguf import describe_gguf
+        print(describe_gguf(args.path))
+        return
     from qlite.checkpoint import describe
     print(describe(args.path))
 

@@ -15,6 +15,8 @@ import torch
 from qlite.errors import QliteError
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+IMPORTED_METHODS = ("gptq", "awq")  # quantization_config.quant_method that qlite.load repacks
+IMPORTED_GROUP_SIZES = (32, 64, 128)
 PREFILL_CHUNK = 512  # prompt tokens per forward in a prefill (the planner sizes workspace for it)
 # Activation dtypes by the names qlite.load(dtype=...) and the CLI's --dtype take.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -96,13 +98,46 @@ def _rope_theta(raw: dict):
     return (raw.get("rope_parameters") or {}).get("rope_theta")
 
 
-def _imported_quantization(raw: dict, source: str) -> dict | None:
-    """A GPTQ / AWQ checkpoint's `quantization_config`, as qlite's `quantization` section."""
-    hf = raw.get("quantization_config")
-    if not hf:
-        return None
-    from qlite.gptq_awq import qlite_qcfg
-    return qlite_qcfg(hf, source)
+def imported_quantization(hf: dict, where: str) -> dict:
+    """qlite's `quantization` section for a GPTQ / AWQ checkpoint's `quantization_config`
+    (how qlite/gptq_awq.py loads it, the source parameters under "source"); a QliteError naming
+    the field for anything it cannot load exactly (or, 8-bit GPTQ, as stated there)."""
+    method = hf.get("quant_method")
+    if method not in IMPORTED_METHODS:
+        raise QliteError(f"{where}: quantization_config.quant_method {method!r} is not supported "
+                         f"(qlite loads {', '.join(IMPORTED_METHODS)})")
+    bits = hf.get("bits", hf.get("w_bit"))
+    group = hf.get("group_size", hf.get("q_group_size"))
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise QliteError(f"{where}: quantization_config.bits {bits!r} is not supported for "
+                         f"{method} ({'4 or 8' if method == 'gptq' else '4'})")
+    if group not in IMPORTED_GROUP_SIZES:
+        raise QliteError(f"{where}: quantization_config.group_size {group!r} is not supported "
+                         f"(one of {', '.join(map(str, IMPORTED_GROUP_SIZES))})")
+    source = {"quant_method": method, "bits": bits, "group_size": group}
+    if method == "gptq":
+        fmt = hf.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise QliteError(f"{where}: quantization_config.checkpoint_format {fmt!r} is not "
+                             f"supported (gptq, gptq_v2)")
+        if hf.get("lm_head"):
+            raise QliteError(f"{where}: quantization_config.lm_head true (a quantized lm_head) "
+                             f"is not supported")
+        sym = bool(hf.get("sym", True))
+        source.update(sym=sym, desc_act=bool(hf.get("desc_act", False)),
+                      checkpoint_format=fmt)
+    else:
+        version = str(hf.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise QliteError(f"{where}: quantization_config.version {version!r} is not "
+                             f"supported (AWQ 'gemm' packing)")
+        if not hf.get("zero_point", True):
+            raise QliteError(f"{where}: quantization_config.zero_point false is not supported")
+        sym = False
+        source.update(version=version, zero_point=True)
+    return {"format": "qlite", "version": 1, "bits": bits,
+            "group_size": group if bits == 4 else None, "method": method,
+            "symmetric": sym or bits == 8, "keep_16bit": ["embed", "lm_head"], "source": source}
 
 
 def config_from_dict(raw: dict, source: str = "config.json") -> Config:
@@ -164,7 +199,9 @@ def config_from_dict(raw: dict, source: str = "config.json") -> Config:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=list(eos),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-        quantization=raw.get("quantization") or _imported_quantization(raw, source),
+        quantization=raw.get("quantization") or (
+            imported_quantization(raw["quantization_config"], source)
+            if raw.get("quantization_config") else None),
     )
     if cfg.quantization is not None and not isinstance(cfg.quantization, dict):
         raise QliteError(f"{source}: quantization={cfg.quantization!r} must be an object")

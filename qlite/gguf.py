@@ -125,6 +125,8 @@ def _f32(x) -> float:
 def read_metadata(reader, path: Path) -> tuple[Config, dict]:
     """Config and tokenizer metadata of a qwen2 / qwen2moe GGUF."""
     arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise QliteError(f"{path}: missing GGUF metadata 'general.architecture'")
     if arch not in ARCHITECTURES:
         raise QliteError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(qlite imports {' and '.join(map(repr, ARCHITECTURES))} GGUF files)")
@@ -569,7 +571,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
     """
     path, out = Path(gguf_path), Path(out_dir)
     if dtype not in DTYPES:
-        raise QliteError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise QliteError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QliteError(f"{out}: already exists and is not empty; remove it or pick another "
                          f"output directory")

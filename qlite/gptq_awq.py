@@ -3,7 +3,7 @@ MoE): repacked into qlite's format at load, module by module, no file written.
 
 config.json carries `quantization_config` ({"quant_method": "gptq", "bits": 4, "group_size": 128,
 "sym": true, "desc_act": false, ...} or {"quant_method": "awq", "version": "gemm",
-"zero_point": true, ...}). `qlite_qcfg` turns it into qlite's own `quantization` section (what
+"zero_point": true, ...}). qlite.config (`imported_quantization`) turns it into qlite's own `quantization` section (what
 `swap_to_quantized`, the planner and offloading read) with the source parameters kept under
 "source"; `load_weights` fills the quantized model from the checkpoint:
 
@@ -28,50 +28,7 @@ from safetensors import safe_open
 from qlite.checkpoint import read_checkpoint
 from qlite.errors import QliteError
 
-METHODS = ("gptq", "awq")
-GROUP_SIZES = (32, 64, 128)
 Progress = Callable[[str, int, int], None]
-
-
-def qlite_qcfg(hf: dict, where: str) -> dict:
-    """qlite's `quantization` section for a checkpoint's `quantization_config`; a QliteError
-    naming the field for anything we cannot load exactly (or, 8-bit GPTQ, as stated)."""
-    method = hf.get("quant_method")
-    if method not in METHODS:
-        raise QliteError(f"{where}: quantization_config.quant_method {method!r} is not supported "
-                         f"(qlite loads {', '.join(METHODS)})")
-    bits = hf.get("bits", hf.get("w_bit"))
-    group = hf.get("group_size", hf.get("q_group_size"))
-    if bits not in ((4, 8) if method == "gptq" else (4,)):
-        raise QliteError(f"{where}: quantization_config.bits {bits!r} is not supported for "
-                         f"{method} ({'4 or 8' if method == 'gptq' else '4'})")
-    if group not in GROUP_SIZES:
-        raise QliteError(f"{where}: quantization_config.group_size {group!r} is not supported "
-                         f"(one of {', '.join(map(str, GROUP_SIZES))})")
-    source = {"quant_method": method, "bits": bits, "group_size": group}
-    if method == "gptq":
-        fmt = hf.get("checkpoint_format", "gptq")
-        if fmt not in ("gptq", "gptq_v2"):
-            raise QliteError(f"{where}: quantization_config.checkpoint_format {fmt!r} is not "
-                             f"supported (gptq, gptq_v2)")
-        if hf.get("lm_head"):
-            raise QliteError(f"{where}: quantization_config.lm_head true (a quantized lm_head) "
-                             f"is not supported")
-        sym = bool(hf.get("sym", True))
-        source.update(sym=sym, desc_act=bool(hf.get("desc_act", False)),
-                      checkpoint_format=fmt)
-    else:
-        version = str(hf.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise QliteError(f"{where}: quantization_config.version {version!r} is not "
-                             f"supported (AWQ 'gemm' packing)")
-        if not hf.get("zero_point", True):
-            raise QliteError(f"{where}: quantization_config.zero_point false is not supported")
-        sym = False
-        source.update(version=version, zero_point=True)
-    return {"format": "qlite", "version": 1, "bits": bits,
-            "group_size": group if bits == 4 else None, "method": method,
-            "symmetric": sym or bits == 8, "keep_16bit": ["embed", "lm_head"], "source": source}
 
 
 def is_imported(qcfg: dict | None) -> bool:
@@ -138,7 +95,7 @@ def _set(module: nn.Module, name: str, value: torch.Tensor):
 def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], object],
                  dtype: torch.dtype, progress: Progress | None = None):
     """Fill a meta-device model already passed through `swap_to_quantized` (with the section
-    `qlite_qcfg` made) from a GPTQ / AWQ checkpoint. `place(key)` gives each model tensor's
+    `imported_quantization` made) from a GPTQ / AWQ checkpoint. `place(key)` gives each model tensor's
     device, as for the plain loader."""
     from qlite.quant import QuantExperts, QuantLinear
     qcfg = model.config.quantization

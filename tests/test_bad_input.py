@@ -134,12 +134,15 @@ def test_inspect_a_file_that_is_not_a_model_directory(capsys, garbage):
 
 
 def test_plan_on_garbage_and_on_a_real_gguf(capsys, garbage):
-    fails_with(capsys, f"{garbage / 'x.gguf'}: not a config.json (not UTF-8 text)",
-               "plan", "--model", garbage / "x.gguf")
+    # plan reads a .gguf's metadata (tests/test_gptq_awq.py plans a real one)
+    fails_with(capsys, f"{garbage / 'x.gguf'}: not a valid GGUF file, truncated or corrupt "
+               "(GGUF magic invalid)", "plan", "--model", garbage / "x.gguf")
     gguf = garbage / "real.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    fails_with(capsys, f"{gguf}: missing GGUF metadata 'general.architecture'",
+               "plan", "--model", gguf)
     fails_with(capsys, f"{gguf}: a GGUF file, not a config.json (convert it first: qlite "
-               f"convert-gguf {gguf} OUT)", "plan", "--model", gguf)
+               f"convert-gguf {gguf} OUT)", "generate", "--model", gguf, "--prompt", "hi")
 
 
 BASE = json.loads((FIXTURES / "qwen2-57b-a14b.json").read_text())

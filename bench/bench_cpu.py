@@ -32,9 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qlite  # noqa: E402
 
 RUNNERS = ["qlite-fp32", "hf-fp32", "qlite-bf16", "hf-bf16", "qlite-int8-fp32", "qlite-int8-bf16",
-           "qlite-int4-fp32", "qlite-int4-bf16", "qlite-int4-bf16-torchops", "llama.cpp"]
+           "qlite-int4-fp32", "qlite-int4-bf16", "qlite-int4-bf16-torchops", "llama.cpp",
+           "qlite-bf16-compiled", "qlite-int8-bf16-compiled", "qlite-int4-bf16-compiled"]
 # "-torchops": the same model with the C kernel switched off (torch's packed int4/int8 ops),
-# as on a machine without a C compiler.
+# as on a machine without a C compiler. "-compiled": decode_step under torch.compile
+# (Qwen2.compile_decode); its compile time is measured cold (an empty compile cache) and warm
+# (the cache on disk filled, torch's in-process state reset) and printed beside it.
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -44,22 +47,48 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 @torch.no_grad()
 def run_qlite(model, ids, decode):
+    """Prefill with prefill_row, then greedy decode_step calls, as qlite.generate runs them."""
     model.setup_cache(1, len(ids) + decode + 1)
-    x = torch.tensor([ids])
+    x = torch.tensor(ids)
     t0 = time.perf_counter()
-    logits = model(x, start=0)
+    logits = model.prefill_row(0, x)
     t1 = time.perf_counter()
-    tok = logits[0, -1].argmax()
-    pos = len(ids)
+    tok = logits.argmax().view(1)
+    pos = torch.tensor([len(ids)])
     out = [int(tok)]
     t2 = time.perf_counter()
     for _ in range(decode):
-        logits = model(tok.view(1, 1), start=pos)
+        tok = model.decode_step(tok, pos).argmax(dim=-1)
         pos += 1
-        tok = logits[0, -1].argmax()
         out.append(int(tok))
     t3 = time.perf_counter()
     return len(ids) / (t1 - t0), decode / (t3 - t2), out
+
+
+@torch.no_grad()
+def compile_seconds(model, ids, decode) -> tuple[float, float]:
+    """(cold, warm) seconds that the first compiled decode step takes beyond a plain one:
+    cold with an empty compile cache (a fresh TORCHINDUCTOR_CACHE_DIR), warm after
+    torch._dynamo.reset() with that cache on disk (as a second process finds it)."""
+    import tempfile
+    import torch._dynamo
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlite-bench-compile-")
+    out = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        model.compile_decode()
+        model.setup_cache(1, len(ids) + decode + 1)
+        tok = model.prefill_row(0, torch.tensor(ids)).argmax().view(1)
+        pos = torch.tensor([len(ids)])
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            tok = model.decode_step(tok, pos).argmax(dim=-1)
+            int(tok)
+            times.append(time.perf_counter() - t)
+            pos += 1
+        out.append(times[0] - min(times[1:]))
+    return out[0], out[1]
 
 
 @torch.no_grad()
@@ -170,7 +199,8 @@ def run_llama(llm, ids, decode):
 
 
 def make(name, model_dir, gguf, threads, ctx):
-    """(callable(ids, decode) -> (prefill tok/s, decode tok/s, tokens), model)"""
+    """(callable(ids, decode) -> (prefill tok/s, decode tok/s, tokens), model); ctx is
+    (prompt ids, decode steps)."""
     if name.startswith("qlite"):
         dtype = "bfloat16" if "bf16" in name else "float32"
         model = qlite.load(model_dir, dtype=dtype)
@@ -180,6 +210,8 @@ def make(name, model_dir, gguf, threads, ctx):
             quantize_model(model, bits=bits, group_size=128 if bits == 4 else None, method="rtn")
         if name.endswith("-torchops"):
             return (lambda ids, d: without_c_kernel(run_qlite, model, ids, d)), model
+        if name.endswith("-compiled"):
+            model.compile_seconds = compile_seconds(model, *ctx)
         return (lambda ids, d: run_qlite(model, ids, d)), model
     if name.startswith("hf"):
         from transformers import AutoModelForCausalLM
@@ -192,7 +224,8 @@ def make(name, model_dir, gguf, threads, ctx):
         except ImportError as e:
             raise RuntimeError(f"llama-cpp-python is not installed ({e}); "
                                f"pip install llama-cpp-python (builds from source)") from None
-        llm = Llama(model_path=str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+        llm = Llama(model_path=str(gguf), n_ctx=len(ctx[0]) + ctx[1] + 8, n_threads=threads,
+                    n_threads_batch=threads,
                     n_batch=512, logits_all=True, verbose=False)
         return (lambda ids, d: run_llama(llm, ids, d)), llm
     raise ValueError(name)
@@ -216,7 +249,7 @@ def main(argv=None):
     gguf = demo_gguf_path() if demo_gguf_path().is_file() else pull_demo_gguf()
     ids = prompt_ids(Tokenizer.from_dir(model_dir), args.prompt)
 
-    results = {}
+    results, compiles = {}, {}
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if "kernels" in names or args.only == ",".join(RUNNERS):
         names = [n for n in names if n != "kernels"]
@@ -224,24 +257,28 @@ def main(argv=None):
         print("\n".join(results["kernels"]), flush=True)
     for name in names:
         try:
-            run, model = make(name, model_dir, gguf, args.threads, args.prompt + args.decode + 8)
+            run, model = make(name, model_dir, gguf, args.threads, (ids, args.decode))
             best = None
             for _ in range(args.repeat):
                 pre, dec, toks = run(ids, args.decode)
                 best = (pre, dec, toks) if best is None else (max(best[0], pre),
                                                              max(best[1], dec), toks)
             results[name] = best
+            if hasattr(model, "compile_seconds"):
+                compiles[name] = model.compile_seconds
+                print(f"{name:18s} compile: cold {model.compile_seconds[0]:.1f} s, warm "
+                      f"{model.compile_seconds[1]:.1f} s", flush=True)
             del run, model
             print(f"{name:18s} prefill {best[0]:8.1f} tok/s   decode {best[1]:6.2f} tok/s",
                   flush=True)
         except Exception as e:
             results[name] = str(e)
             print(f"{name:18s} not run: {e}", flush=True)
-        write_table(args, results)
-    print(write_table(args, results))
+        write_table(args, results, compiles)
+    print(write_table(args, results, compiles))
 
 
-def write_table(args, results) -> str:
+def write_table(args, results, compiles) -> str:
     def ratio(a, b, i):
         ra, rb = results.get(a), results.get(b)
         if isinstance(ra, tuple) and isinstance(rb, tuple):
@@ -269,9 +306,15 @@ def write_table(args, results) -> str:
     for a, b in (("qlite-fp32", "hf-fp32"), ("qlite-bf16", "hf-bf16"),
                  ("qlite-int8-fp32", "llama.cpp"), ("qlite-int4-fp32", "llama.cpp"),
                  ("qlite-int8-bf16", "llama.cpp"), ("qlite-int4-bf16", "llama.cpp"),
-                 ("qlite-int4-bf16", "qlite-int4-bf16-torchops"), ("qlite-int4-fp32", "qlite-fp32")):
+                 ("qlite-int4-bf16", "qlite-int4-bf16-torchops"), ("qlite-int4-fp32", "qlite-fp32"),
+                 ("qlite-bf16-compiled", "qlite-bf16"), ("qlite-int8-bf16-compiled", "qlite-int8-bf16"),
+                 ("qlite-int4-bf16-compiled", "qlite-int4-bf16"),
+                 ("qlite-int8-bf16-compiled", "llama.cpp"), ("qlite-int4-bf16-compiled", "llama.cpp")):
         if a in results and b in results:
             lines.append(f"- {a} / {b}: prefill {ratio(a, b, 0)}, decode {ratio(a, b, 1)}")
+    if compiles:
+        lines += ["", "Compile time of the decode step (first step beyond a plain one): " +
+                  ", ".join(f"{n} cold {c:.1f} s / warm {w:.1f} s" for n, (c, w) in compiles.items())]
     if "kernels" in results:
         lines += [""] + results["kernels"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

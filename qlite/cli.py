@@ -72,13 +72,17 @@ def _add_model_args(p):
                    help="MoE: cached experts per layer (overrides the planner)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="MoE offloading: do not guess and copy the next layer's experts")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step under torch.compile (compiles at the first "
+                        "token; see README for when it pays)")
 
 
 def _load_options(args) -> dict:
     """The keyword arguments of qlite.load that the model options above give."""
     return dict(device=args.device, dtype=args.dtype, context=args.context,
                 backend=args.backend, bnb_bits=args.bnb_bits, gpu_budget=args.gpu_budget,
-                expert_slots=args.expert_slots, prefetch=args.prefetch)
+                expert_slots=args.expert_slots, prefetch=args.prefetch,
+                compile=args.compile)
 
 
 def _add_sampling_args(p):
@@ -116,7 +120,7 @@ def _print_offload_stats(model, stream=sys.stdout):
 def cmd_generate(args):
     sampling = _sampling(args)
     model = _load(args)
-    gen = model.generate(args.prompt, raw=args.raw, **sampling)
+    gen = model.generate(args.prompt, raw=args.raw, progress=progress_printer(), **sampling)
     for piece in gen:
         print(piece, end="", flush=True)
     print()
@@ -164,7 +168,7 @@ def cmd_repl(args):
         if line.startswith("//"):
             line = line[1:]
         messages.append({"role": "user", "content": line})
-        gen = model.generate(messages, **sampling)
+        gen = model.generate(messages, progress=progress_printer(), **sampling)
         reply = ""
         try:
             for piece in gen:

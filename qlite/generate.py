@@ -1,7 +1,10 @@
-"""Generation: chat prompt -> prefill into the static KV cache -> sampled decode, streamed as text.
+"""Generation in two layers, as mlx-lm has them.
 
-`Generation` is what `model.generate(...)` returns: iterate it for text pieces (UTF-8 safe,
-user stop strings removed); afterwards `.stats` holds token counts and speeds.
+`Tokens`: the token-level iterator. It prefills the prompt into cache row 0 (only past the
+prefix the cache already holds), then samples on the device and runs decode steps, stopping at
+a stop id, at the token budget, or when `cancel` is set; the sampled token is read back once a
+step. `Generation` (what `model.generate(...)` returns) is the text layer on top: UTF-8 safe
+streaming, user stop strings removed, statistics in `.stats` once it is exhausted.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlite.config import PREFILL_CHUNK
+from qlite import sampling
 from qlite.errors import QliteError
 
 
@@ -88,26 +91,17 @@ class GenerationStats:
 
 def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
            generator: torch.Generator | None) -> int:
-    """Pick the next token from logits [vocab] (fp32)."""
-    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
-        # As in CTRL and transformers: shrink the logits of tokens already in the context.
-        prev = logits[seen]
-        logits[seen] = torch.where(prev > 0, prev / p.repetition_penalty,
-                                   prev * p.repetition_penalty)
-    if p.temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
-        probs = probs.scatter(0, idx[drop], 0.0)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    """One token from logits [vocab] (float32) with `seen` the ids seen so far: the one-row
+    form of qlite.sampling.sample, kept for qlite.server until it keeps a History."""
+    mask = None
+    if seen is not None and p.repetition_penalty != 1.0:
+        mask = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+        mask[0, seen] = True
+    if generator is not None and generator.device != logits.device:
+        logits = logits.to(generator.device)
+        mask = None if mask is None else mask.to(generator.device)
+    return int(sampling.sample(logits[None], p.temperature, p.top_k, p.top_p,
+                               p.repetition_penalty, mask, generator)[0])
 
 
 def fit_chat(tokenizer, messages: list[dict], context: int, reserve: int):
@@ -124,14 +118,104 @@ def fit_chat(tokenizer, messages: list[dict], context: int, reserve: int):
         dropped += 1
 
 
+class Tokens:
+    """The token ids of one reply, as an iterator (stop ids are not yielded). `stats` fills in
+    as it runs; the cache's record of row 0 says what it holds once the iterator is done or
+    closed. progress(stage, done, total) hears of a prefill longer than one chunk."""
+
+    def __init__(self, model, prompt_ids: list[int], params: SamplingParams,
+                 cancel: threading.Event | None = None, stats: GenerationStats | None = None,
+                 progress=None):
+        self.model, self.params, self.cancel, self.progress = model, params, cancel, progress
+        self.prompt_ids = prompt_ids
+        self.stats = stats or GenerationStats(prompt_tokens=len(prompt_ids))
+        self._ids = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        return next(self._ids)
+
+    def close(self):
+        self._ids.close()
+
+    def _run(self):
+        model, p, stats = self.model, self.params, self.stats
+        context = model.max_context
+        n = len(self.prompt_ids)
+        if n == 0:
+            raise QliteError("the prompt is empty")
+        if n >= context:
+            raise QliteError(f"the prompt has {n} tokens; the context window is {context}")
+        budget = min(p.max_new_tokens, context - n)
+        device = model.model.norm.weight.device
+        need = n + budget
+        if model.cache.batch != 1 or model.cache.max_len < need:
+            # Powers of two: a compiled decode step sees few cache shapes.
+            model.setup_cache(1, min(context, max(256, 1 << (need - 1).bit_length())))
+        # A chat's next turn starts with the last one's tokens: their keys/values are still in
+        # the cache, so prefill only from where the prompts part (the last token at least).
+        reuse = _common_prefix(model.cache.held[0], self.prompt_ids, limit=n - 1)
+        stats.reused_tokens = reuse
+        fed = list(self.prompt_ids)  # what the cache will hold once this reply is done
+        generator = sampling.generator(p.seed, device)
+        vocab = model.config.vocab_size
+        history = sampling.History(1, vocab, device)
+        history.reset(0, torch.tensor(self.prompt_ids, device=device))
+        stop_ids = set(model.tokenizer.stop_ids) if model.tokenizer is not None else set()
+        show = None
+        if self.progress is not None and n - reuse > model.prefill_chunk:
+            show = lambda done, total: self.progress("prefill", done, total)  # noqa: E731
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = model.prefill_row(0, torch.tensor(self.prompt_ids[reuse:], device=device),
+                                           start=reuse, progress=show)[None]
+                position = torch.tensor([n], device=device)
+                while True:
+                    step = sampling.sample(logits, p.temperature, p.top_k, p.top_p,
+                                           p.repetition_penalty, history.seen, generator)
+                    token = int(step[0])  # the one read back of a step
+                    now = time.perf_counter()
+                    if stats.generated_tokens == 0:
+                        stats.prefill_seconds = now - t0
+                    else:
+                        stats.decode_seconds = now - t0 - stats.prefill_seconds
+                    if token in stop_ids:
+                        stats.finish_reason = "stop"
+                        return
+                    stats.generated_tokens += 1
+                    stats.token_ids.append(token)
+                    yield token
+                    if self.cancel is not None and self.cancel.is_set():
+                        stats.finish_reason = "cancelled"
+                        return
+                    if stats.generated_tokens >= budget:
+                        stats.finish_reason = "length"
+                        return
+                    history.add(step)
+                    compiling = self.progress is not None and model.will_compile(len(fed) + 1)
+                    if compiling:
+                        self.progress("compiling the decode step", 0, 1)
+                    logits = model.decode_step(step, position, len(fed) + 1)
+                    if compiling:
+                        self.progress("compiling the decode step", 1, 1)
+                    position += 1
+                    fed.append(token)
+        finally:
+            model.cache.held[0] = fed
+
+
 class Generation:
     """An iterator of text pieces for one reply; `.stats` is complete once it is exhausted."""
 
     def __init__(self, model, prompt_ids: list[int], params: SamplingParams,
-                 cancel: threading.Event | None = None, dropped: int = 0):
-        self.model, self.params, self.cancel = model, params, cancel
+                 cancel: threading.Event | None = None, dropped: int = 0, progress=None):
+        self.model, self.params = model, params
         self.prompt_ids = prompt_ids
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids), dropped_messages=dropped)
+        self.tokens = Tokens(model, prompt_ids, params, cancel, self.stats, progress)
         self._pieces = self._run()
 
     def __iter__(self):
@@ -145,76 +229,22 @@ class Generation:
         return "".join(self)
 
     def _run(self):
-        model, p = self.model, self.params
-        tok = model.tokenizer
-        context = model.max_context
-        n = len(self.prompt_ids)
-        if n == 0:
-            raise QliteError("the prompt is empty")
-        if n >= context:
-            raise QliteError(f"the prompt has {n} tokens; the context window is {context}")
-        budget = min(p.max_new_tokens, context - n)
-        device = model.model.norm.weight.device
-        need = n + budget
-        if model.cache_len < need:
-            model.setup_cache(1, min(context, -(-need // 256) * 256))
-        # A chat's next turn starts with the last one's tokens: their keys/values are still in
-        # the cache, so prefill only from where the prompts part (the last token at least).
-        reuse = _common_prefix(model.cached_ids, self.prompt_ids, limit=n - 1)
-        fed = list(self.prompt_ids)  # what the cache will hold once this reply is done
-        generator = None
-        if p.seed is not None:
-            generator = torch.Generator().manual_seed(p.seed)
-        seen = torch.tensor(self.prompt_ids, device=device)
-        stream = tok.stream_decoder()
-        stop_ids = set(tok.stop_ids)
+        p, stats = self.params, self.stats
+        stream = self.model.tokenizer.stream_decoder()
         text, sent = "", 0  # everything decoded so far / how much of it went out
         hold = max((len(s) for s in p.stop), default=1) - 1
-        stats = self.stats
-        stats.reused_tokens = reuse
-        prompt = torch.tensor([self.prompt_ids], device=device)
-        offload = getattr(model, "offload", None)
-        chunk = offload.plan.prefill_chunk if offload else PREFILL_CHUNK
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            # Prefill in chunks: activation memory stays bounded however long the prompt.
-            for pos in range(reuse, n, chunk):
-                logits = model(prompt[:, pos:pos + chunk], start=pos, last_only=True)
-            pos = n
-            while True:
-                logits = logits[0, -1].float()
-                token = sample(logits, p, seen, generator)
-                now = time.perf_counter()
-                if stats.generated_tokens == 0:
-                    stats.prefill_seconds = now - t0
-                else:
-                    stats.decode_seconds = now - t0 - stats.prefill_seconds
-                if token in stop_ids:
-                    stats.finish_reason = "stop"
-                    break
-                stats.generated_tokens += 1
-                stats.token_ids.append(token)
-                text += stream.push(token)
-                cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                    stats.finish_reason = "stop_string"
-                    break
-                if len(text) - hold > sent:  # keep back what could start a stop string
-                    yield text[sent:len(text) - hold]
-                    sent = len(text) - hold
-                if self.cancel is not None and self.cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    break
-                if stats.generated_tokens >= budget:
-                    stats.finish_reason = "length"
-                    break
-                seen = torch.cat([seen, torch.tensor([token], device=device)])
-                logits = model(torch.tensor([[token]], device=device), start=pos)
-                fed.append(token)
-                pos += 1
-        model.cached_ids = fed
-        if stats.finish_reason != "stop_string":
+        for token in self.tokens:
+            text += stream.push(token)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                stats.finish_reason = "stop_string"
+                self.tokens.close()
+                break
+            if len(text) - hold > sent:  # keep back what could start a stop string
+                yield text[sent:len(text) - hold]
+                sent = len(text) - hold
+        else:
             text += stream.flush()
         if len(text) > sent:
             yield text[sent:]
@@ -229,26 +259,27 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return max(n, 0)
 
 
-def sampling_params(**sampling) -> SamplingParams:
+def sampling_params(**options) -> SamplingParams:
     """SamplingParams from keyword arguments; an unknown name is a QliteError too."""
     names = SamplingParams.__dataclass_fields__
-    for name in sampling:
+    for name in options:
         if name not in names:
             raise QliteError(f"{name}: not a sampling parameter (they are {', '.join(names)})")
-    return SamplingParams(**sampling)
+    return SamplingParams(**options)
 
 
 def generate(model, prompt, *, raw: bool = False, cancel: threading.Event | None = None,
-             **sampling) -> Generation:
+             progress=None, **options) -> Generation:
     """Stream a reply. `prompt` is a list of chat messages ({"role", "content"}), or a string
-    sent as one user turn through the chat template (as it is with raw=True)."""
+    sent as one user turn through the chat template (as it is with raw=True).
+    progress(stage, done, total) hears of a long prefill."""
     tok = model.tokenizer
     if tok is None:
         raise QliteError(f"{model.model_dir}: no tokenizer.json, cannot generate text")
-    params = sampling_params(**sampling)
+    params = sampling_params(**options)
     if raw:
-        return Generation(model, tok.encode(prompt), params, cancel)
+        return Generation(model, tok.encode(prompt), params, cancel, progress=progress)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     reserve = min(params.max_new_tokens, model.max_context // 4)
     ids, dropped = fit_chat(tok, messages, model.max_context, reserve)
-    return Generation(model, ids, params, cancel, dropped)
+    return Generation(model, ids, params, cancel, dropped, progress)

@@ -21,6 +21,7 @@ from qlite.model import Qwen2
 from qlite.offload import offload_experts
 from qlite.plan import make_plan
 from qlite.kernels import cpu_gemv
+from qlite.quant.linear import QuantLinear
 from qlite.quant.swap import QuantConfig, swap_to_quantized
 from qlite.tokenizer import Tokenizer
 
@@ -116,7 +117,8 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
 
 def load(path="demo", device=None, dtype=None, context: int | None = None,
          progress: Progress | None = None, gpu_budget=None, expert_slots: int | None = None,
-         prefetch: bool = True, backend: str = "qlite", bnb_bits: int = 4) -> Qwen2:
+         prefetch: bool = True, backend: str = "qlite", bnb_bits: int = 4,
+         compile: bool = False) -> Qwen2:
     """Load a Qwen2 / Qwen2-MoE model directory (or "demo") ready for inference.
 
     `model(input_ids)` gives logits; `model.generate(messages)` streams a chat reply.
@@ -124,7 +126,8 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
     (default: the config's max_position_embeddings).
     `gpu_budget` (bytes or "24GiB") or `expert_slots` keep the routed experts of an MoE model
     in CPU memory with a device cache of experts (see qlite/offload.py).
-    `backend="bnb"` swaps in bitsandbytes NF4 (`bnb_bits=4`) or int8 linears: the baseline."""
+    `backend="bnb"` swaps in bitsandbytes NF4 (`bnb_bits=4`) or int8 linears: the baseline.
+    `compile=True` runs the decode step under torch.compile (see Qwen2.compile_decode)."""
     device = resolve_device(device)
     if backend not in ("qlite", "bnb"):
         raise QliteError(f"backend {backend!r}: choose qlite or bnb")
@@ -159,6 +162,10 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
         load_imported(model, model_dir, place, dtype, progress)
     else:
         load_weights(model, model_dir, place, dtype, progress)
+    if config.quantization and device.type == "cpu":
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.prepare_cpu(dtype)  # torch's ops' layout, where the C kernel cannot serve
     if backend == "bnb":
         from qlite.bnb import to_bitsandbytes
         to_bitsandbytes(model, bits=bnb_bits)
@@ -174,4 +181,6 @@ def load(path="demo", device=None, dtype=None, context: int | None = None,
             raise QliteError(f"context {context}: must be between 1 and "
                              f"max_position_embeddings={config.max_position_embeddings}")
         model.max_context = context
+    if compile:
+        model.compile_decode()
     return model

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from qlite.errors import QliteError
-from qlite.model import MoE, expert_batches
+from qlite.model import MoE
 from qlite.plan import ALIGN, Plan
 from qlite.quant.experts import QuantExperts
 
@@ -378,10 +378,16 @@ class OffloadedExperts(nn.Module):
         self.hidden = None  # this layer's pre-norm hidden state, set by a hook, for prefetch
 
     def forward(self, x, topk_ids, topk_weights):
-        batches = expert_batches(topk_ids, self.num_experts)
+        # The layer's one host read: its routing, with the next layer's guess in the same copy.
+        guess = self._guess_next()
+        flat = topk_ids.flatten()
+        host = to_host(flat if guess is None else torch.cat([flat, guess.flatten()]))
+        batches = _expert_batches(host[:flat.numel()], topk_ids.shape[1], self.num_experts,
+                                  x.device)
         needed = [e for e, _, _ in batches]
         self.cache.begin(needed)
-        self._prefetch_next()  # after this layer's own misses: the copy stream is in order
+        if guess is not None:  # after this layer's own misses: the copy stream is in order
+            self.next[1].experts.cache.prefetch(sorted(set(host[flat.numel():])))
         if self.grouped and len(needed) <= self.cache.slots:
             out = self._grouped(x, topk_ids, topk_weights, needed)
         else:
@@ -412,14 +418,45 @@ class OffloadedExperts(nn.Module):
             cache.release(e)
         return out
 
-    def _prefetch_next(self):
+    def _guess_next(self):
+        """The next MoE layer's router applied to this layer's hidden state: its top-k ids
+        (softmax keeps the top-k order), on the device; None without prefetch."""
         h, self.hidden = self.hidden, None
         if self.next is None or h is None:
-            return
+            return None
         norm, moe = self.next
-        # The next router on this layer's hidden state (softmax keeps the top-k order).
-        ids = torch.topk(moe.gate(norm(h).reshape(-1, h.shape[-1])), moe.top_k, dim=-1).indices
-        moe.experts.cache.prefetch(ids.unique().tolist())
+        return torch.topk(moe.gate(norm(h).reshape(-1, h.shape[-1])), moe.top_k, dim=-1).indices
+
+
+def to_host(ids: torch.Tensor) -> list[int]:
+    """Routing ids as a host list: from CUDA through a pinned buffer, after an event (the
+    copy is the only wait). Every host read of routing in this file goes through here."""
+    if ids.is_cuda:
+        buf = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        buf.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        ids = buf
+    return ids.tolist()
+
+
+def _expert_batches(flat: list[int], k: int, num_experts: int, device) -> list:
+    """[(expert, tokens, pairs)] for each expert that received tokens, in expert-id order,
+    from the flattened routing on the host: `pairs` (device) index the flattened routing in
+    stable order, `tokens` = pairs // k the rows of x. As qlite.model.expert_batches."""
+    order = sorted(range(len(flat)), key=flat.__getitem__)  # stable
+    pairs_all = torch.tensor(order, device=device)
+    batches, begin = [], 0
+    for e in range(num_experts):
+        end = begin
+        while end < len(order) and flat[order[end]] == e:
+            end += 1
+        if end > begin:
+            pairs = pairs_all[begin:end]
+            batches.append((e, pairs // k, pairs))
+        begin = end
+    return batches
 
 
 class HostEmbedding(nn.Module):

@@ -10,8 +10,7 @@ is contiguous with the expert first, so one expert's bytes of each tensor are on
 import torch
 from torch import nn
 
-from qlite.kernels import cpu_gemv, reference
-from qlite.kernels.fused_moe import fused_moe
+from qlite.kernels import ops  # noqa: F401  (registers torch.ops.qlite.fused_moe)
 
 from .formats import check_format, packed_shapes, quantize
 
@@ -64,12 +63,9 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         # out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]
-        w13, w2 = self.gate_up_proj.packed(), self.down_proj.packed()
-        if x.is_cuda:
-            return fused_moe(x.contiguous(), topk_ids, topk_weights, w13, w2, self.bits, self.group_size)
-        # CPU: tokens grouped by expert, only experts with tokens visited, float32 math; each
-        # expert's matmuls by the C kernel where it takes them, else dequantized.
-        fast = cpu_gemv.supports(self.bits, self.dim) and \
-            cpu_gemv.supports(self.bits, self.hidden) and cpu_gemv.available()
-        return reference.fused_moe(x, topk_ids, topk_weights, w13, w2, self.bits, self.group_size,
-                                   cpu_gemv.quant_matmul if fast else reference.quant_matmul)
+        # One operator (kernels/ops.py): the fused Triton kernel on CUDA; on the CPU tokens
+        # grouped by expert, only experts with tokens visited, float32 math, each expert's
+        # matmuls by the C kernel where it takes them, else dequantized.
+        return torch.ops.qlite.fused_moe(x.contiguous(), topk_ids, topk_weights,
+                                         *self.gate_up_proj.packed(), *self.down_proj.packed(),
+                                         self.bits, self.group_size)

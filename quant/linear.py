@@ -7,26 +7,23 @@ State-dict names (the on-disk names of quantized checkpoints, one module = one p
     <prefix>.bias      [N] in the model dtype; only if the layer has a bias
 All are buffers, not parameters: nothing here trains.
 
-forward dispatches on the device: CUDA -> Triton (decode kernel for M <= 16 rows, tiled GEMM
-above); CPU -> the C kernel of kernels/cpu_gemv.c (AVX2; 1.3-2x torch's packed int4/int8 ops
-per layer at M = 1, 1.4x in whole-model int4 decode), or without it (no compiler, int8 with
-K % 32 != 0) torch's packed ops where they are fast and exact enough (bfloat16 activations, or
-few rows), else the float32 reference.
+forward calls torch.ops.qlite.quant_matmul (kernels/ops.py), which dispatches on the device:
+CUDA -> Triton (decode kernel for M <= 16 rows, tiled GEMM above); CPU -> the C kernel of
+kernels/cpu_gemv.c (AVX2; 1.3-2x torch's packed int4/int8 ops per layer at M = 1, 1.4x in
+whole-model int4 decode), else the float32 reference. Where the C kernel cannot take a layer
+(no compiler, int8 with K % 32 != 0), `prepare_cpu` (the loader calls it) packs the weight for
+torch's CPU ops, used where they are fast and exact enough (bfloat16 activations, or few rows).
 """
 import torch
 from torch import nn
 
 from qlite.errors import QliteError
-from qlite.kernels import cpu_gemv, reference
-from qlite.kernels.gemm import qgemm
-from qlite.kernels.gemv import qgemv
+from qlite.kernels import cpu_gemv, ops, reference
 
 from .formats import check_format, packed_shapes, quantize
 
-DECODE_MAX_M = 16  # rows up to which the decode kernel beats the tiled GEMM
 _CPU_OP_MAX_M = 4  # torch's packed CPU matmuls are slower than dequantize + matmul above this,
 #                    except in bfloat16 where they are vectorised (measured on an EPYC, torch 2.13)
-_REF_CHUNK = 1 << 22  # the CPU reference dequantizes at most this many weights at a time
 
 
 class QuantLinear(nn.Module):
@@ -45,7 +42,7 @@ class QuantLinear(nn.Module):
         if self.symmetric:
             self.register_buffer("zeros", None)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-        self._cpu_pack = None  # torch's CPU int4 layout, built on first use (not saved)
+        self._cpu_pack = None  # (dtype, weight, scales) for torch's CPU ops: see prepare_cpu
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, method: str = "hqq",
@@ -76,52 +73,64 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise QliteError(f"QuantLinear expects {self.in_features} input features, got {x.shape[-1]}")
         x2 = x.reshape(-1, self.in_features).contiguous()
-        if x.is_cuda:
-            args = (self.qweight, self.scales, self.zeros, self.bits, self.group_size)
-            out = (qgemv if x2.shape[0] <= DECODE_MAX_M else qgemm)(x2, *args)
-        elif cpu_gemv.supports(self.bits, self.in_features) and cpu_gemv.available():
-            out = cpu_gemv.quant_matmul(x2, self.qweight, self.scales, self.zeros, self.bits,
-                                        self.group_size, self.bias)  # the bias added inside
-            return out.view(*x.shape[:-1], self.out_features)
+        pack = self._cpu_pack
+        if pack is not None and pack[0] == x.dtype and not x.is_cuda and (
+                x.dtype == torch.bfloat16 or x2.shape[0] <= _CPU_OP_MAX_M):
+            out = self._torch_cpu_matmul(x2, pack)
         else:
-            out = self._cpu_matmul(x2)
-        if self.bias is not None:
-            out += self.bias if self.bias.dtype == out.dtype else self.bias.to(out.dtype)
+            out = torch.ops.qlite.quant_matmul(x2, self.qweight, self.scales, self.zeros,
+                                               self.bits, self.group_size, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _cpu_matmul(self, x):
-        if x.dtype == torch.bfloat16 or (x.shape[0] <= _CPU_OP_MAX_M and x.dtype in (torch.float32, torch.float16)):
-            if self.bits == 8:
-                return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._cpu_pack_for(x.dtype)[1])
-            if self.out_features % 16 == 0:  # the CPU int4 op packs N in blocks of 16
-                packed, scale_zero = self._cpu_pack_for(x.dtype)
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, scale_zero)
-        m = x.shape[0]
-        # The reference, a slice of output channels at a time to bound the float32 copy.
-        rows = max(1, _REF_CHUNK // self.in_features)
-        out = torch.empty(m, self.out_features, dtype=x.dtype)
-        for i in range(0, self.out_features, rows):
-            sl = slice(i, i + rows)
-            out[:, sl] = reference.quant_matmul(
-                x, self.qweight[sl], self.scales[sl] if self.bits == 8 else self.scales[:, sl],
-                None if self.zeros is None else self.zeros[:, sl], self.bits, self.group_size)
+    def _torch_cpu_matmul(self, x, pack):
+        _, weight, scales = pack
+        if self.bits == 8:
+            out = torch.ops.aten._weight_int8pack_mm(x, weight, scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, self.group_size, scales)
+        if self.bias is not None:
+            out += self.bias.to(out.dtype)
         return out
 
-    def _cpu_pack_for(self, dtype):
-        """What torch's CPU ops take, built on first use in the activation dtype (a conversion
-        per call costs more than the int8 matmul itself) and rebuilt if a buffer is written.
-        int8: (qweight, scales). int4: codes re-packed in torch's layout (half a byte per weight
-        beside qweight), and per group (scale, offset) with w = (code - 8) * scale + offset,
-        i.e. offset = (8 - zero) * scale."""
-        key = (dtype, self.qweight.data_ptr(), self.qweight._version, self.scales._version,
-               None if self.zeros is None else self.zeros._version)
-        if self._cpu_pack is None or self._cpu_pack[0] != key:
-            if self.bits == 8:
-                self._cpu_pack = (key, self.qweight, self.scales.to(dtype))
-            else:
-                codes = reference.unpack_int4(self.qweight).to(torch.int32)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-                s = self.scales.float()
-                offset = torch.zeros_like(s) if self.zeros is None else (8 - self.zeros.float()) * s
-                self._cpu_pack = (key, packed, torch.stack([s, offset], dim=-1).to(dtype))
-        return self._cpu_pack[1], self._cpu_pack[2]
+    def prepare_cpu(self, dtype: torch.dtype):
+        """Pack the weight for torch's CPU ops in activation dtype `dtype`, where the C kernel
+        cannot take this layer (built here, once, not during a forward: a compiled graph must
+        not see it change). int8: (qweight, scales). int4: codes re-packed in torch's layout
+        (half a byte per weight beside qweight), and per group (scale, offset) with
+        w = (code - 8) * scale + offset, i.e. offset = (8 - zero) * scale. Call it again after
+        writing the buffers."""
+        self._cpu_pack = None
+        if self.qweight.is_cuda or (cpu_gemv.supports(self.bits, self.in_features)
+                                    and cpu_gemv.available()):
+            return
+        if self.bits == 8:
+            if self.qweight.data_ptr() % 64:  # torch's int8 op crashes on a weight mapped from
+                self.qweight = self.qweight.clone()  # a file at an unaligned offset (2.13)
+            self._cpu_pack = (dtype, self.qweight, self.scales.to(dtype))
+        elif self.out_features % 16 == 0:  # the CPU int4 op packs N in blocks of 16
+            codes = reference.unpack_int4(self.qweight).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            s = self.scales.float()
+            offset = torch.zeros_like(s) if self.zeros is None else (8 - self.zeros.float()) * s
+            self._cpu_pack = (dtype, packed, torch.stack([s, offset], dim=-1).to(dtype))
+
+
+# Linear layers left in 16-bit by default: the MoE router and the shared-expert gate (tiny,
+# and routing is sensitive to them). lm_head is kept unless asked for: see quantize_model_linears.
+DEFAULT_SKIP = ("mlp.gate", "mlp.shared_expert_gate")
+
+
+def quantize_model_linears(model: nn.Module, bits: int = 4, group_size: int = 128, method: str = "hqq",
+                           symmetric: bool = False, skip=DEFAULT_SKIP, quantize_lm_head: bool = False) -> nn.Module:
+    """Replace, in place, every nn.Linear of model by a QuantLinear, except those whose qualified
+    name ends with an entry of skip (e.g. "mlp.gate" matches "model.layers.3.mlp.gate") and
+    lm_head unless quantize_lm_head. Embeddings are nn.Embedding and are never touched here.
+    Returns model."""
+    skip = tuple(skip) + (() if quantize_lm_head else ("lm_head",))
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(linear, bits, group_size, method, symmetric, name))
+    return model

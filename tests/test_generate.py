@@ -162,7 +162,7 @@ def test_cli_generate_prints_the_completion_and_a_stats_line(tiny_dense, capsys)
 
 
 def test_chunked_prefill_generates_the_same_tokens(tiny_moe, monkeypatch):
-    import qlite.generate
+    import qlite.model
     model = qlite.load(tiny_moe[0])
 
     def greedy():
@@ -172,8 +172,8 @@ def test_chunked_prefill_generates_the_same_tokens(tiny_moe, monkeypatch):
         return gen.stats
 
     whole = greedy()
-    monkeypatch.setattr(qlite.generate, "PREFILL_CHUNK", 5)
-    model.cached_ids = []  # no reuse of the first run's cache: prefill all of it, in chunks
+    monkeypatch.setattr(qlite.model, "PREFILL_CHUNK", 5)
+    model.cache.forget()  # no reuse of the first run's cache: prefill all of it, in chunks
     chunked = greedy()
     assert chunked.reused_tokens == 0
     assert chunked.prompt_tokens > 10 and len(whole.token_ids) == 8
@@ -212,7 +212,7 @@ def test_next_chat_turn_prefills_only_what_the_cache_lacks(tiny_dense):
     # The first turn's prompt at least (its reply may tokenize differently once re-read).
     assert len(first.prompt_ids) <= reused.stats.reused_tokens < reused.stats.prompt_tokens
     assert f"({reused.stats.reused_tokens} from cache)" in reused.stats.summary()
-    model.cached_ids = []  # as a fresh model: the whole prompt prefilled
+    model.cache.forget()  # as a fresh model: the whole prompt prefilled
     fresh = model.generate(chat, **greedy)
     assert fresh.text() == text and fresh.stats.reused_tokens == 0
     assert fresh.stats.token_ids == reused.stats.token_ids
@@ -221,9 +221,47 @@ def test_next_chat_turn_prefills_only_what_the_cache_lacks(tiny_dense):
 def test_any_other_cached_forward_forgets_the_reusable_prefix(tiny_dense):
     model = qlite.load(tiny_dense[0], dtype="float32")
     model.generate("hello there", temperature=0, max_new_tokens=4).text()
-    assert model.cached_ids  # the prompt and the reply tokens fed back
+    assert model.cache.held[0]  # the prompt and the reply tokens fed back
     model(torch.tensor([[1, 2, 3]]), start=0)  # overwrites the first slots
-    assert model.cached_ids == []
+    assert model.cache.held[0] == []
     gen = model.generate("hello there", temperature=0, max_new_tokens=4)
     gen.text()
     assert gen.stats.reused_tokens == 0
+
+
+def test_a_long_prefill_reports_progress_chunk_by_chunk(tiny_dense, monkeypatch):
+    import qlite.model
+    model = qlite.load(tiny_dense[0], dtype="float32")
+    monkeypatch.setattr(qlite.model, "PREFILL_CHUNK", 4)
+    calls = []
+    gen = model.generate("a prompt of a good many tokens", temperature=0, max_new_tokens=2,
+                         progress=lambda *a: calls.append(a))
+    gen.text()
+    n = gen.stats.prompt_tokens
+    assert n > 8
+    assert calls == [("prefill", min(d, n), n) for d in range(4, n + 4, 4)]
+    calls.clear()
+    model.generate("hi", temperature=0, max_new_tokens=2, progress=lambda *a: calls.append(a))
+    assert calls == []  # nothing shown until it runs...
+    model.cache.forget()
+    monkeypatch.setattr(qlite.model, "PREFILL_CHUNK", 512)
+    model.generate("hi", temperature=0, max_new_tokens=2,
+                   progress=lambda *a: calls.append(a)).text()
+    assert calls == []  # ...and nothing for a prefill of one chunk
+
+
+def test_the_token_layer_yields_the_ids_the_text_layer_decodes(dense):
+    from qlite.generate import Tokens
+    model, _ = dense
+    params = SamplingParams(temperature=0, max_new_tokens=7, repetition_penalty=1.0)
+    ids = model.tokenizer.encode("hello")
+    model.cache.forget()
+    tokens = list(Tokens(model, ids, params))
+    model.cache.forget()
+    gen = model.generate("hello", raw=True, temperature=0, max_new_tokens=7,
+                         repetition_penalty=1.0)
+    assert gen.text() == model.tokenizer.decode(tokens)
+    assert gen.stats.token_ids == tokens
+    # every yielded token is fed before the next is sampled, except the last one at "length"
+    fed = tokens if gen.stats.finish_reason == "stop" else tokens[:-1]
+    assert model.cache.held[0] == ids + fed

@@ -102,6 +102,51 @@ def test_left_padded_batch_decodes_through_the_cache(tiny_dense):
     assert (step[1, 0] - want_b).abs().max().item() <= 1e-4
 
 
+def _alone(model, prompt, steps):
+    """Logits of prompt's prefill and of each decode step feeding `steps`, on a 1-row cache."""
+    model.setup_cache(1, 32)
+    out = [model.prefill_row(0, prompt)]
+    for i, tok in enumerate(steps):
+        out.append(model.decode_step(tok.view(1), torch.tensor([len(prompt) + i]))[0])
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_rows_at_their_own_positions_equal_each_prompt_alone(tiny_dense, tiny_moe, moe):
+    # Row 0 runs throughout, row 1 retires after 4 steps and takes a new prompt 2 steps
+    # later, row 2 joins at step 3. Tolerance 1e-5 in float32: the same math per row, only
+    # the matmuls' row count differs (summation order, ~1e-7 here).
+    model = qlite.load((tiny_moe if moe else tiny_dense)[0], dtype="float32")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 320, (n,), generator=g) for n in (9, 5, 3, 6)]
+    steps = [torch.randint(0, 320, (n,), generator=g) for n in (10, 4, 7, 4)]
+    plan = {0: (0, 0, 10), 1: (1, 0, 4), 2: (2, 3, 10), 3: (1, 6, 10)}  # row, first, last step
+    with torch.no_grad():
+        want = {p: _alone(model, prompts[p], steps[p]) for p in plan}
+        model.setup_cache(3, 32)
+        got = {p: [] for p in plan}
+        live = {}  # row -> (prompt, steps done)
+        for t in range(10):
+            for p, (row, first, _) in plan.items():
+                if t == first:
+                    got[p].append(model.prefill_row(row, prompts[p]))
+                    live[row] = (p, 0)
+            for p, (row, _, last) in plan.items():
+                if t == last and live.get(row, (None,))[0] == p:
+                    del live[row]  # retired: its row is fed junk until reused
+            tokens, positions = torch.zeros(3, dtype=torch.long), torch.full((3,), 31)
+            for row, (p, i) in live.items():
+                tokens[row], positions[row] = steps[p][i], len(prompts[p]) + i
+            logits = model.decode_step(tokens, positions)
+            for row, (p, i) in list(live.items()):
+                got[p].append(logits[row])
+                live[row] = (p, i + 1)
+    for p in plan:
+        assert len(got[p]) == len(want[p]) == plan[p][2] - plan[p][1] + 1
+        for a, b in zip(got[p], want[p]):
+            assert (a - b).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_close_to_float32(tiny_moe, dtype):
     # bf16 keeps 8 mantissa bits: logits of this 2-layer model stay within a few 1e-2.

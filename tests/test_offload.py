@@ -62,6 +62,30 @@ def test_prefill_and_decode_logits_equal_the_resident_model(moe16, prefetch, how
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
+def test_each_moe_layer_reads_its_routing_to_the_host_once(moe16, prefetch, monkeypatch):
+    # With prefetch the next layer's guess travels in the same copy. Counted by wrapping the
+    # one function that reads routing (to_host); tokens of a step: prefill 9, then 1.
+    import qlite.offload
+    path, _ = moe16
+    model = qlite.load(path, dtype="float32", expert_slots=SLOTS, prefetch=prefetch)
+    reads = []
+    real = qlite.offload.to_host
+    monkeypatch.setattr(qlite.offload, "to_host", lambda t: reads.append(t.numel()) or real(t))
+    ids = _ids(1, 12)[0]
+    layers = len(model.offload.caches)
+    with torch.inference_mode():
+        model.setup_cache(1, 16)
+        model.prefill_row(0, ids[:9])
+        assert len(reads) == layers
+        for pos in range(9, 12):
+            model.decode_step(ids[pos:pos + 1], torch.tensor([pos]))
+    assert len(reads) == 4 * layers
+    top_k = MOE16["num_experts_per_tok"]
+    # the last layer has no next one to guess for
+    assert reads[-layers:] == [top_k * (2 if prefetch else 1)] * (layers - 1) + [top_k]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
 def test_greedy_output_equals_the_resident_model(moe16, prefetch):
     path, ref = moe16
     model = qlite.load(path, dtype="float32", expert_slots=SLOTS, prefetch=prefetch)

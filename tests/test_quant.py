@@ -137,6 +137,8 @@ def test_quant_linear_cpu_paths_match_reference(fmt, n, dt, c_kernel, gen, monke
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, 256, generator=gen) * 0.05)
     q = QuantLinear.from_linear(lin, bits, g, "rtn", sym)
+    q.prepare_cpu(dtype)  # as the loader does: torch's packed ops where the C kernel is not
+    assert (q._cpu_pack is None) == (c_kernel or (bits == 4 and n % 16 != 0))
     tol = {"float32": 1e-4, "bfloat16": 1.6e-2, "float16": 2e-3}[dt]
     for m in (1, 3, 16):  # the torch packed ops (small M / bfloat16) and the reference
         x = torch.randn(2, m, 256, generator=gen).to(dtype)

@@ -4,5 +4,6 @@ qgemv   decode: x [M <= 16, K] @ W.T, split-K
 qgemm   prefill: tiled GEMM, weight tiles dequantized in registers
 fused_moe  routed experts of a layer: gate/up + SiLU*mul, then down, on stacked weights
 cpu_gemv   int4 matmul on the CPU (AVX2), a small C kernel built on first use (no GPU needed)
+ops        torch.ops.qlite.quant_matmul / fused_moe: the above as torch operators (torch.compile)
 Layouts are documented in qlite.quant.formats. This package imports only torch and triton.
 """

@@ -32,7 +32,8 @@ def _reference_matmul(x, qweight, scales, zeros, bits, group_size):
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bits: int, group_size: int,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (contiguous) @ dequantized W.T (+ bias) -> [M, N] in x's dtype."""
+    """x [M, K] (contiguous) @ dequantized W.T (+ bias) -> [M, N] in x's dtype; group_size 0
+    for int8 (one scale per output channel)."""
     if x.is_cuda:
         from .gemm import qgemm
         from .gemv import qgemv

@@ -68,4 +68,4 @@ class QuantExperts(nn.Module):
         # matmuls by the C kernel where it takes them, else dequantized.
         return torch.ops.qlite.fused_moe(x.contiguous(), topk_ids, topk_weights,
                                          *self.gate_up_proj.packed(), *self.down_proj.packed(),
-                                         self.bits, self.group_size)
+                                         self.bits, self.group_size or 0)

@@ -79,7 +79,7 @@ class QuantLinear(nn.Module):
             out = self._torch_cpu_matmul(x2, pack)
         else:
             out = torch.ops.qlite.quant_matmul(x2, self.qweight, self.scales, self.zeros,
-                                               self.bits, self.group_size, self.bias)
+                                               self.bits, self.group_size or 0, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _torch_cpu_matmul(self, x, pack):

@@ -30,7 +30,8 @@ def dirs(tmp_path_factory):
         out[name, "16-bit"] = src
         for bits in (8, 4):
             out[name, f"int{bits}"] = quantize_checkpoint(
-                src, tmp_path_factory.mktemp(f"{name}{bits}") / "q", bits, 32, "rtn")
+                src, tmp_path_factory.mktemp(f"{name}{bits}") / "q", bits,
+                32 if bits == 4 else None, "rtn")
     return out
 
 
@@ -57,6 +58,7 @@ def test_decode_step_compiles_whole_and_decodes_as_eager(dirs, name, kind, dtype
 def test_inductor_compiled_greedy_equals_eager(dirs, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cold compile cache
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # as a fresh process
     eager = qlite.load(dirs["moe", "int4"], dtype="float32")
     want = _tokens(eager)
     model = qlite.load(dirs["moe", "int4"], dtype="float32", compile=True)

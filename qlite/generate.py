@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlite import sampling
+from qlite.sampling import History, device_generator, sample as sample_rows
 from qlite.errors import QliteError
 
 
@@ -100,7 +100,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
     if generator is not None and generator.device != logits.device:
         logits = logits.to(generator.device)
         mask = None if mask is None else mask.to(generator.device)
-    return int(sampling.sample(logits[None], p.temperature, p.top_k, p.top_p,
+    return int(sample_rows(logits[None], p.temperature, p.top_k, p.top_p,
                                p.repetition_penalty, mask, generator)[0])
 
 
@@ -159,9 +159,9 @@ class Tokens:
         reuse = _common_prefix(model.cache.held[0], self.prompt_ids, limit=n - 1)
         stats.reused_tokens = reuse
         fed = list(self.prompt_ids)  # what the cache will hold once this reply is done
-        generator = sampling.generator(p.seed, device)
+        generator = device_generator(p.seed, device)
         vocab = model.config.vocab_size
-        history = sampling.History(1, vocab, device)
+        history = History(1, vocab, device)
         history.reset(0, torch.tensor(self.prompt_ids, device=device))
         stop_ids = set(model.tokenizer.stop_ids) if model.tokenizer is not None else set()
         show = None
@@ -174,7 +174,7 @@ class Tokens:
                                            start=reuse, progress=show)[None]
                 position = torch.tensor([n], device=device)
                 while True:
-                    step = sampling.sample(logits, p.temperature, p.top_k, p.top_p,
+                    step = sample_rows(logits, p.temperature, p.top_k, p.top_p,
                                            p.repetition_penalty, history.seen, generator)
                     token = int(step[0])  # the one read back of a step
                     now = time.perf_counter()

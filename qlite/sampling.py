@@ -30,7 +30,7 @@ class History:
         self.seen[rows, tokens] = True
 
 
-def generator(seed: int | None, device) -> torch.Generator | None:
+def device_generator(seed: int | None, device) -> torch.Generator | None:
     """A generator on `device` seeded with `seed` (None: torch's default one)."""
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 

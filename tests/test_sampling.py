@@ -7,7 +7,7 @@ compared with the old sampler's distribution."""
 import pytest
 import torch
 
-from qlite.sampling import History, generator, sample
+from qlite.sampling import History, device_generator, sample
 
 
 def host_probs(logits, temperature, top_k, top_p, penalty, seen):
@@ -61,7 +61,7 @@ def test_draws_follow_the_host_samplers_distribution(temperature, top_k, top_p, 
     want = host_probs(logits, temperature, top_k, top_p, penalty, seen)
     n = 20000
     got = sample(logits.expand(n, 8), temperature, top_k, top_p, penalty, mask.expand(n, 8),
-                 generator(2, "cpu"))
+                 device_generator(2, "cpu"))
     got = torch.bincount(got, minlength=8) / n
     assert ((got > 0) == (want > 0)).all()
     assert (got - want).abs().max().item() <= 0.015
@@ -69,8 +69,8 @@ def test_draws_follow_the_host_samplers_distribution(temperature, top_k, top_p, 
 
 def test_a_seed_repeats_its_draws_and_rows_draw_independently():
     logits = torch.zeros(4, 1000)
-    a = sample(logits, 1.0, 0, 1.0, 1.0, None, generator(5, "cpu"))
-    b = sample(logits, 1.0, 0, 1.0, 1.0, None, generator(5, "cpu"))
+    a = sample(logits, 1.0, 0, 1.0, 1.0, None, device_generator(5, "cpu"))
+    b = sample(logits, 1.0, 0, 1.0, 1.0, None, device_generator(5, "cpu"))
     assert a.tolist() == b.tolist()
     assert len(set(a.tolist())) > 1  # uniform over 1000: four equal draws would be a bug
 

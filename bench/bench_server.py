@@ -6,11 +6,14 @@
 Starts `qlite serve` as a subprocess (the server as a user runs it), warms it up with one
 request, then for each client count N starts N streamed chat completions at once (different
 prompts, greedy, max_tokens each) with the official `openai` client, one thread per client.
+A `--max-batch 1` server's single stream comes first: the baseline a batching server is for.
 
-Per round: aggregate decode tok/s = tokens after each client's first / (last finish - first
-first token), the round's total tok/s (all tokens / wall time, prefills included), and time to
-first token (mean and worst). The ratio to the 1-client round of the same run is the figure
-that matters: on a busy machine absolute numbers move, ratios within one run much less.
+Per round: aggregate decode tok/s = tokens decoded / time in decode steps (the server's /stats:
+what batching speeds up; newcomers' prefills run between decode steps and are not in it), rows
+per decode step, total tok/s = all tokens / wall time (prefills and queueing included), and
+time to first token (mean and worst; N prefills run one after another). Ratios are against the
+faster 1-client round of the same run: on a busy machine absolute numbers move, ratios within
+one run much less.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -42,15 +46,17 @@ PROMPTS = [
 ]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "qlite", "serve", "--model", args.model, "--port", "0",
-           "--max-batch", str(max(args.clients)), "--context", str(args.context)]
+           "--max-batch", str(max_batch), "--context", str(args.context)]
     if args.device:
         cmd += ["--device", args.device]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("qlite serve: http"):
             return proc, line.split()[2]
@@ -71,7 +77,13 @@ def one_client(client, model, prompt, max_tokens, t0, out):
     out.append(dict(ttft=first - t0, first=first, end=time.perf_counter(), tokens=tokens))
 
 
-def run_round(client, model, n, max_tokens) -> dict:
+def server_stats(url: str) -> dict:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats") as r:
+        return json.load(r)
+
+
+def run_round(client, url, model, n, max_tokens) -> dict:
+    before = server_stats(url)
     results, t0 = [], time.perf_counter()
     threads = [threading.Thread(target=one_client, args=(client, model, PROMPTS[i % len(PROMPTS)],
                                                          max_tokens, t0, results))
@@ -80,12 +92,14 @@ def run_round(client, model, n, max_tokens) -> dict:
         t.start()
     for t in threads:
         t.join()
+    after = server_stats(url)
+    delta = {k: after[k] - before[k] for k in ("decode_rows", "decode_steps", "decode_seconds")}
     end = max(r["end"] for r in results)
-    decode_window = end - min(r["first"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft"] for r in results]
     return dict(clients=n, tokens=tokens, wall=end - t0,
-                decode=sum(r["tokens"] - 1 for r in results) / decode_window,
+                decode=delta["decode_rows"] / delta["decode_seconds"],
+                rows=delta["decode_rows"] / delta["decode_steps"],
                 total=tokens / (end - t0), ttft_mean=sum(ttfts) / n, ttft_max=max(ttfts))
 
 
@@ -97,43 +111,49 @@ def main():
     p.add_argument("--clients", default="1,4,8", help="comma list of concurrent clients")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--note", default="", help="a sentence for the result file (the machine's load)")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads "
+                   "(OMP_NUM_THREADS; default: torch's choice)")
+    p.add_argument("--note", default="", help="a sentence for the result file (the load)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "server-cpu.md"))
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
-    proc, url = start_server(args)
-    try:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
-        model = client.models.list().data[0].id
-        run_round(client, model, 1, 8)  # warm-up
-        rows = []
-        for n in args.clients:
-            rows.append(run_round(client, model, n, args.max_tokens))
-            print(rows[-1], flush=True)
-        with urllib.request.urlopen(url.removesuffix("/v1") + "/stats") as r:
-            stats = json.load(r)
-    finally:
-        proc.terminate()
-        proc.wait()
-    base = rows[0]
+    rows = []
+    for max_batch, clients in [(1, [1]), (max(args.clients), args.clients)]:
+        proc, url = start_server(args, max_batch)
+        try:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
+            model = client.models.list().data[0].id
+            run_round(client, url, model, 1, 8)  # warm-up
+            for n in clients:
+                rows.append(dict(run_round(client, url, model, n, args.max_tokens),
+                                 max_batch=max_batch))
+                print(rows[-1], flush=True)
+            stats = server_stats(url)
+        finally:
+            proc.terminate()
+            proc.wait()
+    base = max((r for r in rows if r["clients"] == 1), key=lambda r: r["decode"])
     lines = [
         f"# qlite serve: concurrent clients ({datetime.date.today()})", "",
-        f"`python bench/bench_server.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
+        f"`{shlex.join(['python', 'bench/bench_server.py', *sys.argv[1:]])}`", "",
         f"Model {args.model}, device {args.device or 'default'}, dtype {args.dtype or 'default'}, "
-        f"greedy chat, max_tokens {args.max_tokens}, --max-batch {max(args.clients)}. "
+        f"greedy chat, max_tokens {args.max_tokens}, --context {args.context}, "
+        f"{args.threads or 'default'} torch threads. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs as seen by the process"
-        f". {args.note + ' ' if args.note else ''}Ratios are against the 1-client round of "
-        "the same run.", "",
-        "| clients | tokens | wall s | aggregate decode tok/s | x 1 client | total tok/s "
-        "| TTFT mean s | TTFT worst s |",
-        "|---|---|---|---|---|---|---|---|"]
+        f". {args.note + ' ' if args.note else ''}Ratios are against the faster 1-client "
+        "round of the same run (a --max-batch 1 server decodes one row a step; a --max-batch "
+        f"{max(args.clients)} one decodes all its rows every step, used or not).", "",
+        "| --max-batch | clients | tokens | wall s | aggregate decode tok/s | x 1 client "
+        "| rows per step | total tok/s | TTFT mean s | TTFT worst s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['clients']} | {r['tokens']} | {r['wall']:.1f} | {r['decode']:.1f} "
-                     f"| {r['decode'] / base['decode']:.2f} | {r['total']:.1f} "
-                     f"| {r['ttft_mean']:.2f} | {r['ttft_max']:.2f} |")
-    lines += ["", f"Server statistics after the run: decode steps {stats['decode_steps']}, "
-              f"rows per step {stats['decode_rows'] / max(stats['decode_steps'], 1):.2f} on "
-              f"average, {stats['max_rows']} at most.", ""]
+        lines.append(f"| {r['max_batch']} | {r['clients']} | {r['tokens']} | {r['wall']:.1f} "
+                     f"| {r['decode']:.1f} | {r['decode'] / base['decode']:.2f} | {r['rows']:.2f} "
+                     f"| {r['total']:.1f} | {r['ttft_mean']:.2f} | {r['ttft_max']:.2f} |")
+    per_step = stats["decode_rows"] / max(stats["decode_steps"], 1)
+    lines += ["", f"The --max-batch {max(args.clients)} server's statistics after the run: "
+              f"decode steps {stats['decode_steps']}, rows per step {per_step:.2f} on average, "
+              f"{stats['max_rows']} at most.", ""]
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))

@@ -27,8 +27,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from qlite.errors import QliteError
-from qlite.config import PREFILL_CHUNK
-from qlite.generate import SamplingParams, sample
+from qlite import sampling
+from qlite.generate import SamplingParams, TextStream
 
 MAX_QUEUE = 64  # requests waiting for a row beyond those in the batch; more get a 503
 
@@ -39,58 +39,6 @@ MAX_QUEUE = 64  # requests waiting for a row beyond those in the batch; more get
 
 class ServerBusy(Exception):
     """The waiting queue is full."""
-
-
-class _OneRow:
-    """The Row API on top of the single-row forward, for a model without `decode_step`:
-    one row only, so requests take turns. (Stopgap until the model has its own.)"""
-
-    def __init__(self, model):
-        self.model = model
-
-    def setup_cache(self, batch: int, max_len: int):
-        assert batch == 1
-        self.model.setup_cache(1, max_len)
-
-    def prefill_row(self, row: int, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        ids = ids[None]
-        for pos in range(0, ids.shape[1], PREFILL_CHUNK):
-            logits = self.model(ids[:, pos:pos + PREFILL_CHUNK], start=start + pos,
-                                last_only=True)
-        return logits[0, -1].float()
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens[:, None], start=int(positions[0]))[:, -1].float()
-
-
-class _TextOut:
-    """Token ids -> text pieces: UTF-8 safe (the tokenizer's stream decoder), cut at the first
-    stop string, holding back what could be the start of one."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.decoder = tokenizer.stream_decoder()
-        self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text, self.sent = "", 0
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """(text ready to send, whether a stop string ended the reply)."""
-        self.text += self.decoder.push(token)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            return self._take(len(self.text)), True
-        return self._take(len(self.text) - self.hold), False
-
-    def flush(self) -> str:
-        self.text += self.decoder.flush()
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        if end <= self.sent:
-            return ""
-        piece, self.sent = self.text[self.sent:end], end
-        return piece
 
 
 class Job:
@@ -112,10 +60,8 @@ class Job:
         self.pos = 0           # cache slots filled in its row
         self.next_token = 0    # sampled, not yet fed
         self.generated: list[int] = []
-        self.seen: torch.Tensor | None = None  # prompt + generated ids (repetition penalty)
-        self.text: _TextOut | None = None
+        self.text: TextStream | None = None
         self.generator = None
-        self.submitted = time.perf_counter()
 
     def _send(self, *event):
         try:
@@ -132,9 +78,11 @@ class EngineStats:
     failed: int = 0          # ended by an error in the model
     rejected: int = 0        # answered 503 (queue full)
     prompt_tokens: int = 0   # prefilled
+    prefill_seconds: float = 0.0
     decode_steps: int = 0
     decode_rows: int = 0     # sum over decode steps of the rows each carried
     max_rows: int = 0        # most rows one decode step carried
+    decode_seconds: float = 0.0  # in decode steps and their sampling
 
 
 class Engine:
@@ -152,12 +100,9 @@ class Engine:
         self.stop_ids = set(self.tokenizer.stop_ids)
         self.context = model.max_context
         self.device = model.model.norm.weight.device
-        if hasattr(model, "decode_step"):
-            self.rows = model
-        else:
-            self.rows, max_batch = _OneRow(model), 1
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.rows.setup_cache(max_batch, self.context)
+        model.setup_cache(max_batch, self.context)
+        self.history = sampling.History(max_batch, model.config.vocab_size, self.device)
         self.active: list[Job | None] = [None] * max_batch
         self.waiting: deque[Job] = deque()
         self.pending = 0  # submitted and not yet ended (waiting + active)
@@ -227,16 +172,18 @@ class Engine:
             return self._retire(job, "cancelled")
         self.stats.requests += 1
         self.stats.prompt_tokens += len(job.prompt_ids)
-        if job.params.seed is not None:
-            job.generator = torch.Generator().manual_seed(job.params.seed)
-        job.text = _TextOut(self.tokenizer, job.params.stop)
-        job.seen = torch.tensor(job.prompt_ids, device=self.device)
+        job.generator = sampling.generator(job.params.seed, self.device)
+        job.text = TextStream(self.tokenizer, job.params.stop)
+        ids = torch.tensor(job.prompt_ids, device=self.device)
+        self.history.reset(job.row, ids)
+        t0 = time.perf_counter()
         try:
-            logits = self.rows.prefill_row(job.row, job.seen, start=0)
+            logits = self.model.prefill_row(job.row, ids, start=0)
         except Exception as e:  # noqa: BLE001 - the job fails, the server goes on
             return self._fail([job], e)
         job.pos = len(job.prompt_ids)
         self._take(job, logits)
+        self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _decode(self):
         for job in self.active:
@@ -245,12 +192,15 @@ class Engine:
         jobs = [job for job in self.active if job is not None]
         if not jobs:
             return
+        t0 = time.perf_counter()
         tokens = torch.zeros(self.max_batch, dtype=torch.long)
         positions = torch.zeros(self.max_batch, dtype=torch.long)
         for job in jobs:
             tokens[job.row], positions[job.row] = job.next_token, job.pos
         try:
-            logits = self.rows.decode_step(tokens.to(self.device), positions.to(self.device))
+            # length: attention reads the slots up to the furthest row, not the whole cache
+            logits = self.model.decode_step(tokens.to(self.device), positions.to(self.device),
+                                            length=max(job.pos for job in jobs) + 1)
         except Exception as e:  # noqa: BLE001
             return self._fail(jobs, e)
         s = self.stats
@@ -260,6 +210,7 @@ class Engine:
         for job in jobs:
             job.pos += 1
             self._take(job, logits[job.row])
+        s.decode_seconds += time.perf_counter() - t0
 
     def _take(self, job: Job, logits: torch.Tensor):
         """Sample the job's next token from its logits [vocab], send its text, and retire the
@@ -267,26 +218,29 @@ class Engine:
         if job.presence_penalty or job.frequency_penalty:
             logits = _penalize(logits, job.generated, job.presence_penalty,
                                job.frequency_penalty)
-        token = sample(logits, job.params, job.seen, job.generator)
+        p, row = job.params, job.row
+        step = sampling.sample(logits[None], p.temperature, p.top_k, p.top_p,
+                               p.repetition_penalty, self.history.seen[row:row + 1], job.generator)
+        token = int(step[0])
         if token in self.stop_ids:
             return self._retire(job, "stop")
         job.generated.append(token)
-        piece, stopped = job.text.push(token)
+        piece = job.text.push(token)
         if piece:
             job._send("text", piece)
-        if stopped:
-            return self._retire(job, "stop", flush=False)
+        if job.text.stopped:
+            return self._retire(job, "stop")
         if len(job.generated) >= job.params.max_new_tokens or job.pos >= self.context:
             return self._retire(job, "length")
         job.next_token = token
-        job.seen = torch.cat([job.seen, torch.tensor([token], device=self.device)])
+        self.history.seen[row, token] = True
 
-    def _retire(self, job: Job, reason: str, flush: bool = True):
+    def _retire(self, job: Job, reason: str):
         if reason == "cancelled":
             self.stats.cancelled += 1
         else:
             self.stats.finished += 1
-            piece = job.text.flush() if flush else ""
+            piece = job.text.flush()
             if piece:
                 job._send("text", piece)
             job._send("done", reason, len(job.prompt_ids), len(job.generated))

@@ -210,6 +210,7 @@ def test_eight_concurrent_streams_get_their_solo_replies(served, client):
         t.join()
     assert got == solo
     assert served.engine.stats.decode_steps > steps_before
+    assert served.engine.stats.max_rows > 1  # the replies were decoded together
 
 
 def test_disconnect_mid_stream_frees_the_row(served, client, reference):

@@ -142,7 +142,8 @@ def main():
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs as seen by the process"
         f". {args.note + ' ' if args.note else ''}Ratios are against the faster 1-client "
         "round of the same run (a --max-batch 1 server decodes one row a step; a --max-batch "
-        f"{max(args.clients)} one decodes all its rows every step, used or not).", "",
+        f"{max(args.clients)} one the rows up to its last busy one, rounded up to a power of "
+        "two).", "",
         "| --max-batch | clients | tokens | wall s | aggregate decode tok/s | x 1 client "
         "| rows per step | total tok/s | TTFT mean s | TTFT worst s |",
         "|---|---|---|---|---|---|---|---|---|---|"]

@@ -106,11 +106,12 @@ class KVCache(nn.Module):
         return self.k[rows, :, :end], self.v[rows, :, :end]
 
     def write_at(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write row r's k/v [R, Hkv, 1, D] at slot positions[r] (an indexed copy: no host
-        read of the positions); return the whole cache."""
-        self.k[self.rows, :, positions] = k[:, :, 0]
-        self.v[self.rows, :, positions] = v[:, :, 0]
-        return self.k, self.v
+        """Write row r's k/v [R, Hkv, 1, D] at slot positions[r] for the first R rows (an
+        indexed copy: no host read of the positions); return those rows' whole cache."""
+        r = k.shape[0]
+        self.k[self.rows[:r], :, positions] = k[:, :, 0]
+        self.v[self.rows[:r], :, positions] = v[:, :, 0]
+        return self.k[:r], self.v[:r]
 
 
 class Attention(nn.Module):
@@ -375,9 +376,10 @@ class Qwen2(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor,
                     length: int | None = None) -> torch.Tensor:
-        """One token for every cache row: tokens, positions [R] (device tensors, R = the
-        cache's batch). Row r writes its keys/values at slot positions[r] and attends to its
-        slots <= positions[r]. Returns float32 logits [R, vocab].
+        """One token for each of the first R cache rows: tokens, positions [R] (device tensors,
+        R at most the cache's batch: a server steps only the rows up to its last busy one).
+        Row r writes its keys/values at slot positions[r] and attends to its slots
+        <= positions[r]. Returns float32 logits [R, vocab].
 
         Positions must lie below cache_len (not checked here: that would read them back to
         the host). `length`, when the caller knows one above every position, bounds the slots

@@ -4,9 +4,10 @@ Two halves meet at `Engine.submit`:
 - the HTTP side (Starlette on uvicorn's event loop) checks a request, turns it into token ids
   and a `Job`, and streams the job's events back (server-sent events, or one JSON body);
 - the engine (one thread, the only one touching the model) loops: admit waiting jobs into free
-  cache rows -> prefill each newcomer -> one decode step for every active row -> sample each
-  row with its own parameters and seed -> hand the text to its job's asyncio queue -> free the
-  rows of finished or abandoned jobs at once (continuous batching).
+  cache rows (the lowest first) -> prefill each newcomer -> one decode step for the rows up to
+  the last busy one -> sample each row with its own parameters and seed -> hand the text to
+  its job's asyncio queue -> free the rows of finished or abandoned jobs at once (continuous
+  batching).
 
 The web stack is imported here only; the rest of qlite does not need it.
 """
@@ -193,8 +194,11 @@ class Engine:
         if not jobs:
             return
         t0 = time.perf_counter()
-        tokens = torch.zeros(self.max_batch, dtype=torch.long)
-        positions = torch.zeros(self.max_batch, dtype=torch.long)
+        # Only the rows up to the last busy one step (newcomers take the lowest free row),
+        # rounded up to a power of two: few shapes for a compiled step.
+        rows = min(self.max_batch, 1 << max(job.row for job in jobs).bit_length())
+        tokens = torch.zeros(rows, dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long)
         for job in jobs:
             tokens[job.row], positions[job.row] = job.next_token, job.pos
         try:

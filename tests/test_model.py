@@ -183,3 +183,23 @@ def test_many_row_half_products_on_a_slow_cpu_run_in_float32_by_chunks(dtype, mo
         torch.testing.assert_close(lin(x).float(), want, rtol=torch.finfo(dtype).eps, atol=1e-6)
     x = torch.randn(1, 3, 24).to(dtype)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def test_decode_step_of_the_first_rows_equals_the_full_step(tiny_dense):
+    # A server steps only rows 0..k-1 when the rest are idle. Tolerance as above (float32,
+    # only the matmuls' row count differs); the idle rows' cache is left as it was.
+    model = qlite.load(tiny_dense[0], dtype="float32")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 320, (n,), generator=g) for n in (7, 4, 5, 6)]
+    tokens = torch.randint(0, 320, (4,), generator=g)
+    positions = torch.tensor([len(p) for p in prompts])
+    with torch.no_grad():
+        model.setup_cache(4, 32)
+        for row, p in enumerate(prompts):
+            model.prefill_row(row, p)
+        idle = model.model.layers[0].self_attn.cache.k[2:].clone()
+        first = model.decode_step(tokens[:2], positions[:2])
+        assert torch.equal(model.model.layers[0].self_attn.cache.k[2:], idle)
+        full = model.decode_step(tokens, positions)
+    assert first.shape == (2, 320)
+    assert (first - full[:2]).abs().max().item() <= 1e-5

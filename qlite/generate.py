@@ -207,6 +207,41 @@ class Tokens:
             model.cache.held[0] = fed
 
 
+class TextStream:
+    """Token ids -> text pieces of one reply: UTF-8 safe (the tokenizer's stream decoder), and
+    ended by the first stop string, whose text is left out. What could be the start of a stop
+    string is held back until it cannot be."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text, self.sent = "", 0  # everything decoded so far / how much of it went out
+        self.stopped = False          # a stop string showed up: the reply ends there
+
+    def push(self, token: int) -> str:
+        """The text ready to go out once `token` is added ("" once stopped: flush() has
+        the rest)."""
+        self.text += self.decoder.push(token)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return ""
+        return self._take(len(self.text) - self.hold)
+
+    def flush(self) -> str:
+        """The rest of the reply (up to the stop string, if one ended it)."""
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+
 class Generation:
     """An iterator of text pieces for one reply; `.stats` is complete once it is exhausted."""
 
@@ -229,25 +264,18 @@ class Generation:
         return "".join(self)
 
     def _run(self):
-        p, stats = self.params, self.stats
-        stream = self.model.tokenizer.stream_decoder()
-        text, sent = "", 0  # everything decoded so far / how much of it went out
-        hold = max((len(s) for s in p.stop), default=1) - 1
+        out = TextStream(self.model.tokenizer, self.params.stop)
         for token in self.tokens:
-            text += stream.push(token)
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                stats.finish_reason = "stop_string"
+            piece = out.push(token)
+            if out.stopped:
+                self.stats.finish_reason = "stop_string"
                 self.tokens.close()
                 break
-            if len(text) - hold > sent:  # keep back what could start a stop string
-                yield text[sent:len(text) - hold]
-                sent = len(text) - hold
-        else:
-            text += stream.flush()
-        if len(text) > sent:
-            yield text[sent:]
+            if piece:
+                yield piece
+        rest = out.flush()
+        if rest:
+            yield rest
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -28,8 +28,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from qlite.errors import QliteError
-from qlite import sampling
 from qlite.generate import SamplingParams, TextStream
+from qlite.sampling import History, device_generator, sample as sample_rows
 
 MAX_QUEUE = 64  # requests waiting for a row beyond those in the batch; more get a 503
 
@@ -103,7 +103,7 @@ class Engine:
         self.device = model.model.norm.weight.device
         self.max_batch, self.max_queue = max_batch, max_queue
         model.setup_cache(max_batch, self.context)
-        self.history = sampling.History(max_batch, model.config.vocab_size, self.device)
+        self.history = History(max_batch, model.config.vocab_size, self.device)
         self.active: list[Job | None] = [None] * max_batch
         self.waiting: deque[Job] = deque()
         self.pending = 0  # submitted and not yet ended (waiting + active)
@@ -173,7 +173,7 @@ class Engine:
             return self._retire(job, "cancelled")
         self.stats.requests += 1
         self.stats.prompt_tokens += len(job.prompt_ids)
-        job.generator = sampling.generator(job.params.seed, self.device)
+        job.generator = device_generator(job.params.seed, self.device)
         job.text = TextStream(self.tokenizer, job.params.stop)
         ids = torch.tensor(job.prompt_ids, device=self.device)
         self.history.reset(job.row, ids)
@@ -223,7 +223,7 @@ class Engine:
             logits = _penalize(logits, job.generated, job.presence_penalty,
                                job.frequency_penalty)
         p, row = job.params, job.row
-        step = sampling.sample(logits[None], p.temperature, p.top_k, p.top_p,
+        step = sample_rows(logits[None], p.temperature, p.top_k, p.top_p,
                                p.repetition_penalty, self.history.seen[row:row + 1], job.generator)
         token = int(step[0])
         if token in self.stop_ids:

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,6 +242,22 @@ def check_tensors(model: nn.Module, sources, tensors: dict[str, TensorInfo], whe
     if extra:
         raise QliteError(f"{tensors[extra[0]].file}: unexpected tensor {extra[0]!r}"
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def write_json(file: Path, obj):
+    file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def publish_dir(tmp: Path, out: Path):
+    """Rename the finished output directory `tmp` to `out`. An existing `out` (a --force run)
+    is moved aside and removed only now that the new one is whole."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    os.rename(out, old / "x")
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardWriter:

@@ -18,14 +18,13 @@ after, into `.OUT.tmp-*`, renamed to OUT at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from qlite.checkpoint import ShardWriter, TensorReader, read_checkpoint
+from qlite.checkpoint import ShardWriter, TensorReader, publish_dir, read_checkpoint, write_json
 from qlite.errors import QliteError
 
 FORMATS = ("gptq",)
@@ -105,7 +104,7 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
     """Write the qlite int4 symmetric checkpoint `src` as a `fmt` checkpoint in `out`."""
     from qlite.kernels.reference import dequantize
     from qlite.quant.gptq_awq import qlite_to_gptq
-    from qlite.quantize import COPIED, SHARD_BYTES, _write_json
+    from qlite.quantize import COPIED, SHARD_BYTES
 
     if fmt not in FORMATS:
         raise QliteError(f"fmt {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -172,14 +171,8 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
             "checkpoint_format": "gptq", "meta": {"quantizer": ["qlite"],
                                                   "qlite_method": q.get("method")}}
-        _write_json(tmp / "config.json", raw)  # last: a directory without it is no model
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        write_json(tmp / "config.json", raw)  # last: a directory without it is no model
+        publish_dir(tmp, out)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -19,7 +19,6 @@ the vocabulary, merges and token types the file stores.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qlite.checkpoint import ShardWriter
+from qlite.checkpoint import ShardWriter, write_json
 from qlite.config import Config
 from qlite.errors import QliteError
 
@@ -505,8 +504,8 @@ class GGUFSource:
 def write_tokenizer(out: Path, tok: dict, cfg: Config, path: Path):
     tokenizer, added = build_tokenizer(tok, path)
     tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", tokenizer_config(tok, added, cfg))
-    _write_json(out / "generation_config.json", generation_config(tok, cfg))
+    write_json(out / "tokenizer_config.json", tokenizer_config(tok, added, cfg))
+    write_json(out / "generation_config.json", generation_config(tok, cfg))
 
 
 def _order(name: str):
@@ -585,7 +584,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
         tmp.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary directory
         _write_weights(source, path, tmp, DTYPES[dtype], progress)
         write_tokenizer(tmp, tok, cfg, path)
-        _write_json(tmp / "config.json", cfg.to_hf_dict())  # config.json last: it marks a model
+        write_json(tmp / "config.json", cfg.to_hf_dict())  # config.json last: it marks a model
         if out.exists():
             out.rmdir()  # empty (checked above); rename needs the name free
         os.rename(tmp, out)
@@ -596,6 +595,3 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
         source.close()
     return out
 
-
-def _write_json(file: Path, obj):
-    file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

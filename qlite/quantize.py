@@ -47,8 +47,8 @@ import torch
 import torch.nn as nn
 
 from qlite.calibrate import DEFAULT_TOKENS, FALLBACK, calibration_ids, gptq_layers
-from qlite.checkpoint import (DTYPES, ShardWriter, TensorReader, check_tensors, read_checkpoint,
-                              tensor_sources)
+from qlite.checkpoint import (DTYPES, ShardWriter, TensorReader, check_tensors, publish_dir, read_checkpoint,
+                              tensor_sources, write_json)
 from qlite.config import config_from_dict, load_config
 from qlite.errors import QliteError, QliteWarning
 from qlite.model import Experts, Qwen2
@@ -263,14 +263,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int | None = None,
         raw["torch_dtype"] = q.dtype_16bit
         if untie:
             raw["tie_word_embeddings"] = False
-        _write_json(tmp / "config.json", raw)  # last: a directory without it is no model
-        if out.exists():  # force: replace the old output only now that the new one is whole
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        write_json(tmp / "config.json", raw)  # last: a directory without it is no model
+        publish_dir(tmp, out)  # force: the old output goes only now
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -424,6 +418,3 @@ def _write_packed(writer, prefix, packed: dict, index):
         key = f"{prefix}.{buf}"
         writer.write(key, t.to(writer.where[key][4]), index)
 
-
-def _write_json(file: Path, obj):
-    file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qlite.errors import QliteError
-from qlite.kernels import cpu_gemv, ops, reference
+from qlite.kernels import cpu_gemv, ops, reference  # noqa: F401  (ops: registers torch.ops.qlite.*)
 
 from .formats import check_format, packed_shapes, quantize
 

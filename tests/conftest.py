@@ -104,3 +104,13 @@ def demo_reference(demo_gguf):
         str(demo_gguf.parent), dtype=torch.float32, **kw).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(demo_gguf.parent), **kw)
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: extra threads only add synchronisation,
+    which on a loaded 2-core runner costs seconds per call."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

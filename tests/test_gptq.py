@@ -8,12 +8,7 @@ from qlite.quant.formats import quantize
 from qlite.quant.gptq import Hessian, gptq_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def _layer(seed=0, n=64, k=256, tokens=2048):

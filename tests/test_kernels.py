@@ -30,13 +30,7 @@ K_FOR = {32: 224, 64: 192, 128: 384, 0: 333}  # multiples of the group, not of t
 N = 77  # not a multiple of any BLOCK_N
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (seconds a call on a loaded runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def _fmt(bits, g, z):

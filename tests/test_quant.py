@@ -14,14 +14,7 @@ from qlite.quant.swap import QuantConfig, quantized_targets
 from qlite.quant.formats import pack_int4, unpack_int4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: extra threads only add synchronisation, which on a loaded
-    2-core runner costs seconds per call."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 FORMATS = [(4, 32, False), (4, 64, False), (4, 128, False), (4, 128, True), (8, 128, True)]

@@ -244,6 +244,16 @@ def check_tensors(model: nn.Module, sources, tensors: dict[str, TensorInfo], whe
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
+    """Put `value` in place of the parameter or buffer `key` of model (a meta placeholder)."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
 def write_json(file: Path, obj):
     file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

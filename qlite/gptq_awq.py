@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from qlite.checkpoint import read_checkpoint
+from qlite.checkpoint import read_checkpoint, set_tensor
 from qlite.errors import QliteError
 
 Progress = Callable[[str, int, int], None]
@@ -85,13 +85,6 @@ def _check_placeholder_bias(tensors: _Tensors, prefix: str):
                          f"none in Qwen2 (only zero placeholders are accepted)")
 
 
-def _set(module: nn.Module, name: str, value: torch.Tensor):
-    if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[name] = value
-
-
 def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], object],
                  dtype: torch.dtype, progress: Progress | None = None):
     """Fill a meta-device model already passed through `swap_to_quantized` (with the section
@@ -122,7 +115,7 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
                 if bias is None:
                     raise QliteError(f"{model_dir}: tensor {name + '.bias'!r} is missing from "
                                      f"the checkpoint")
-                _set(m, "bias", bias.to(place(name + ".bias"), dtype))
+                set_tensor(m, "bias", bias.to(place(name + ".bias"), dtype))
             else:
                 _check_placeholder_bias(tensors, name)
             tick([f"{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx", "bias")])
@@ -146,7 +139,7 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
                 if "zeros" in bufs:
                     bufs["zeros"][e] = torch.cat([q.zeros for q in qts], dim=-1)
             for b, t in bufs.items():
-                _set(holder, b, t)
+                set_tensor(holder, b, t)
 
     # Everything else: as the plain loader, floating-point tensors in the activation dtype.
     for key, t in model.state_dict(keep_vars=True).items():
@@ -159,7 +152,7 @@ def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], objec
             raise QliteError(f"{tensors.where(key)} has shape {list(value.shape)}, the config "
                              f"says {list(t.shape)}")
         module_name, _, attr = key.rpartition(".")
-        _set(model.get_submodule(module_name), attr,
+        set_tensor(model.get_submodule(module_name), attr,
              value.to(place(key), dtype if value.is_floating_point() else value.dtype))
         tick([key])
     extra = [n for n in tensors.index if n not in tensors.used and not n.endswith("inv_freq")
@@ -186,4 +179,4 @@ def _fill(m: nn.Module, name: str, qt, place, tensors: _Tensors):
             raise QliteError(f"internal: {name}.{buf} presence differs from the model")
         if value is None:
             continue
-        _set(m, buf, value.to(place(f"{name}.{buf}")))
+        set_tensor(m, buf, value.to(place(f"{name}.{buf}")))

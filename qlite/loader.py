@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from qlite.checkpoint import TensorReader, check_run, check_tensors, read_checkpoint, tensor_sources
+from qlite.checkpoint import (TensorReader, check_run, check_tensors, read_checkpoint, set_tensor,
+                              tensor_sources)
 from qlite.config import load_config, resolve_dtype
 from qlite.errors import QliteError, QliteWarning
 from qlite.model import Qwen2
@@ -54,15 +55,6 @@ def resolve_model_dir(path, progress: Progress | None = None) -> Path:
     if not path.is_dir():
         raise QliteError(f"{path}: no such model directory")
     return path
-
-
-def set_tensor(model: nn.Module, key: str, value: torch.Tensor):
-    module_name, _, attr = key.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[attr] = value
 
 
 def load_weights(model: nn.Module, model_dir: Path, place: Callable[[str], object],

@@ -28,7 +28,17 @@ def _reference_matmul(x, qweight, scales, zeros, bits, group_size):
     return out
 
 
-@torch.library.custom_op("qlite::quant_matmul", mutates_args=())
+# Defined with torch.library.Library rather than @custom_op: a call costs ~7 µs of dispatch
+# instead of ~24 (custom_op wraps each call in autograd and dynamo-disable layers), and decode
+# makes ~170 of them a token. No autograd: these are inference kernels.
+_lib = torch.library.Library("qlite", "DEF")
+_lib.define("quant_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+            "int group_size, Tensor? bias) -> Tensor")
+_lib.define("fused_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w13_qweight, "
+            "Tensor w13_scales, Tensor? w13_zeros, Tensor w2_qweight, Tensor w2_scales, "
+            "Tensor? w2_zeros, int bits, int group_size) -> Tensor")
+
+
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bits: int, group_size: int,
                  bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,12 +58,11 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
-@quant_matmul.register_fake
+@torch.library.register_fake("qlite::quant_matmul", lib=_lib)
 def _(x, qweight, scales, zeros, bits, group_size, bias):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-@torch.library.custom_op("qlite::fused_moe", mutates_args=())
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
               w13_qweight: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: torch.Tensor | None,
               w2_qweight: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: torch.Tensor | None,
@@ -75,7 +84,12 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
                                cpu_gemv.quant_matmul if fast else reference.quant_matmul)
 
 
-@fused_moe.register_fake
+@torch.library.register_fake("qlite::fused_moe", lib=_lib)
 def _(x, topk_ids, topk_weights, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales,
       w2_zeros, bits, group_size):
     return torch.empty_like(x)
+
+
+# One Python body for every device: it picks the launcher from the tensors' device itself.
+_lib.impl("quant_matmul", quant_matmul, "CompositeExplicitAutograd")
+_lib.impl("fused_moe", fused_moe, "CompositeExplicitAutograd")

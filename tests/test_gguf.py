@@ -430,3 +430,27 @@ def test_unreadable_tensor_type_one_line_nothing_written(tmp_path):
                                              r"GGUF type I32, which qlite cannot read$"):
             run()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_gptq_from_a_gguf_equals_gptq_from_its_float32_conversion(tmp_path):
+    """`qlite quantize FILE.gguf OUT --method gptq` reads the GGUF tensor by tensor (no
+    converted copy on disk) and calibrates exactly as it does from the float32 conversion of
+    the same file: the same codes, scales and zeros, bit for bit."""
+    import inspect
+    import json.decoder
+
+    from qlite.cli import main
+    src = write_tiny_gguf(tmp_path / "tiny.gguf")
+    text = tmp_path / "calib.txt"
+    text.write_text(inspect.getsource(json.decoder))
+    opts = ["--method", "gptq", "--group-size", "32", "--calibration", str(text),
+            "--calibration-tokens", "512"]
+    main(["quantize", str(src), str(tmp_path / "from-gguf"), *opts])
+    conv = convert_gguf(src, tmp_path / "f32", dtype="float32")
+    main(["quantize", str(conv), str(tmp_path / "from-dir"), *opts])
+    q = json.loads((tmp_path / "from-gguf" / "config.json").read_text())["quantization"]
+    assert q["method"] == "gptq" and q["calibration"]["tokens"] == 512
+    a, b = converted_tensors(tmp_path / "from-gguf"), converted_tensors(tmp_path / "from-dir")
+    assert set(a) == set(b) and any(k.endswith(".qweight") for k in a)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name

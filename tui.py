@@ -501,6 +501,12 @@ class ChatScreen(Screen):
             super().__init__()
             self.run, self.text = run, text
 
+    class Progress(Message):
+        """Work before the first piece: a long prompt being read, the decode step compiling."""
+        def __init__(self, run: int, stage: str, done: int, total: int):
+            super().__init__()
+            self.run, self.stage, self.done, self.total = run, stage, done, total
+
     class Done(Message):
         def __init__(self, run: int, stats, error: str | None):
             super().__init__()
@@ -710,9 +716,13 @@ class ChatScreen(Screen):
             except RuntimeError:  # the app has closed its event loop
                 cancel.set()
 
+        def progress(stage: str, done: int, total: int):
+            post(self.Progress(run, stage, done, total))
+
         with self.lock:
             try:
-                generation = self.model.generate(messages, cancel=cancel, **kwargs)
+                generation = self.model.generate(messages, cancel=cancel, progress=progress,
+                                                 **kwargs)
                 for piece in generation:
                     post(self.Piece(run, piece))
                 post(self.Done(run, generation.stats, None))
@@ -734,6 +744,13 @@ class ChatScreen(Screen):
             return  # Escape ended it while the text was drawn; finish() saved it already
         if time.monotonic() - reply.saved_at > self.SAVE_EVERY:
             self.save_reply(reply, {"finish_reason": "streaming"})
+
+    @on(Progress)
+    def progress(self, event: Progress):
+        reply = self.reply
+        if reply is not None and event.run == reply.run and not reply.text:
+            stage = "reading the prompt" if event.stage == "prefill" else event.stage
+            reply.box.set_note(f"{stage} {event.done / max(event.total, 1):.0%}")
 
     def save_reply(self, reply: Reply, meta: dict):
         reply.saved_at = time.monotonic()

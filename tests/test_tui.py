@@ -156,6 +156,26 @@ async def test_send_a_message_and_see_the_streamed_reply(model_dir, data_home):
 
 
 @sync
+async def test_a_long_prompt_shows_how_much_is_read_before_the_reply(model_dir, data_home,
+                                                                      monkeypatch):
+    """A prompt longer than one prefill chunk: the reply's header says how much of it the
+    model has read, then the reply replaces the note."""
+    import qlite.model
+    monkeypatch.setattr(qlite.model, "PREFILL_CHUNK", 8)  # the tiny model's prompts are short
+    notes = []
+    real = MessageBox.set_note
+    monkeypatch.setattr(MessageBox, "set_note", lambda box, note: (notes.append(note),
+                                                                   real(box, note)))
+    app = make_app(model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await open_chat(app, pilot)
+        await send(pilot, chat, "count the words in this long sentence one by one please")
+    shown = [n for n in notes if n.startswith("reading the prompt")]
+    assert shown and shown[-1] == "reading the prompt 100%", notes
+    assert notes.index(shown[-1]) < notes.index(""), notes  # cleared by the first piece
+
+
+@sync
 async def test_escape_stops_at_once_and_keeps_the_partial_reply(model_dir, data_home):
     spy = Spy(hold=True)
     app = make_app(model_dir, spy)
@@ -233,7 +253,10 @@ async def test_the_view_follows_the_stream_unless_scrolled_up(model_dir, data_ho
         assert view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y
         view.focus()
         await pilot.press("pageup")  # the user scrolls up to read
-        await pilot.pause(0.1)
+        last = None
+        while view.scroll_y != last:  # the scroll is animated: a loaded machine takes longer
+            last = view.scroll_y
+            await pilot.pause(0.1)
         where = view.scroll_y
         assert where < view.max_scroll_y
         await stream(10)

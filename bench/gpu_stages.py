@@ -6,7 +6,8 @@ preflight  versions, GPU name, SM count, which optional packages import
 smoke      every kernel path against kernels/reference.py with the launchers' fixed first
            configs (no tuning), outputs poisoned with NaN first: qgemv at M = 1, 3, 5, 16 and
            forced split-K, qgemm at M = 64, 256, int8 and int4 sym/asym, N = 77 (not a multiple
-           of any tile), fused MoE at T = 1, 16
+           of any tile), fused MoE at T = 1, 16, and quantized experts offloaded to a 6-slot
+           device cache in grouped mode (T = 1, 3, 16; equal to the resident experts on CUDA)
 kernels    µs and % of the copy bandwidth (measured in the same run) on Qwen2-57B-A14B's shapes
            and lm_head, M in {1, 16, 256}: qlite int4/int8, fp16 cuBLAS, torch's tinygemm int4
            (_weight_int4pack_mm), bitsandbytes NF4 where it imports; inputs rotated over 4 sets
@@ -133,8 +134,52 @@ def smoke(log, dry):
             e = _err(out, ref)
             fails += e > 3.2e-2
             log(f"{'PASS' if e <= 3.2e-2 else 'FAIL'} fused_moe {fmt} T={t} bfloat16 err={e:.2e}")
+        fails += _grouped_offload(log, device, fmt, bits, g, z, gen)
     log(f"smoke: {fails} failures")
     return fails == 0
+
+
+def _grouped_offload(log, device, fmt, bits, g, z, gen):
+    """Quantized experts served from a device cache of 6 slots in grouped mode (qlite/offload.py:
+    expert ids remapped to slot ids, one fused call over the slots) against the reference, and
+    on CUDA bit for bit against the resident experts (the grouped path's promise). The slots
+    are poisoned first (0xFF bytes: NaN scales), every call's experts fit the slots, and each
+    call draws a new set of 6 of the 16 experts, so slots are evicted and refilled. T = 16
+    (64 pairs) takes the batched kernel, T = 1 and 3 the decode kernel. Returns the failures."""
+    from qlite.kernels import reference
+    from qlite.offload import LRFU, ExpertCache, ExpertStore, OffloadedExperts, Stats
+    from qlite.quant.experts import QuantExperts
+
+    e_, topk, d, inter, slots = 16, 4, 256, 128, 6
+    experts = QuantExperts(e_, d, inter, bits, g, symmetric=not z, device=device)
+    w13 = _rand_weight((e_,), 2 * inter, d, bits, g, z, device, gen)
+    w2 = _rand_weight((e_,), d, inter, bits, g, z, device, gen)
+    for dst, src in ((experts.gate_up_proj, w13), (experts.down_proj, w2)):
+        for t, v in zip(dst.packed(), src):
+            if t is not None:
+                t.copy_(v)
+    cuda = device.type == "cuda"
+    stats = Stats()
+    cache = ExpertCache(ExpertStore(experts, pin=cuda), slots, device, LRFU(), stats,
+                        torch.cuda.Stream(device) if cuda else None)
+    cache.buf.fill_(255)
+    off = OffloadedExperts(experts, cache, grouped=True)
+    fails = 0
+    for t in (1, 3, 16):
+        pool = torch.randperm(e_, generator=gen)[:slots]
+        ids = torch.stack([pool[torch.randperm(slots, generator=gen)[:topk]] for _ in range(t)]).to(device)
+        wts = torch.rand(t, topk, generator=gen).softmax(-1).to(device)
+        x = torch.randn(t, d, generator=gen).to(torch.bfloat16).to(device)
+        ref = reference.fused_moe(x.float(), ids, wts, w13, w2, bits, g)
+        with torch.inference_mode():
+            out = off(x, ids, wts)
+            exact = torch.equal(out, experts(x, ids, wts)) if cuda else None
+        e = _err(out, ref)
+        ok = e <= 3.2e-2 and exact is not False
+        fails += not ok
+        log(f"{'PASS' if ok else 'FAIL'} grouped-offload {fmt} T={t} slots={slots} bfloat16 err={e:.2e}"
+            + ("" if exact is None else f" equal-to-resident={exact}") + f" misses={stats.misses}")
+    return fails
 
 
 def _timer(dry):

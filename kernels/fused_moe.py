@@ -133,11 +133,13 @@ def moe_matmul_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, rw_ptr,
 
 
 # Tiles that compile for sm_90 without register spills in every format (two weight tiles and
-# two accumulators live in registers in the gate/up launch). The first is taken under the
-# interpreter.
+# two accumulators live in registers in the gate/up launch), each thread's share of a weight
+# tile a whole 16-byte load (int4: BLOCK_N * BLOCK_K >= 1024 * num_warps), and shared memory
+# under sm_89's 99 KiB (bench/kernel_sass.py). The first is taken under the interpreter and
+# when nothing was tuned.
 _CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in (
-    (16, 64, 64, 8, 4), (16, 32, 64, 4, 3), (16, 32, 128, 4, 4), (32, 64, 32, 4, 4), (32, 64, 64, 8, 4),
-    (64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3))]
+    (16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (32, 128, 64, 8, 3), (32, 64, 128, 8, 3), (64, 64, 64, 4, 3),
+    (64, 128, 64, 8, 3), (128, 64, 128, 8, 2))]
 
 
 def _launch(a, w, out, rw, align, num_slots, n, k, a_row_div, gate_up, bits, group_size, c):
@@ -223,8 +225,8 @@ DECODE_SIGNATURE = dict(a_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16
 
 
 def sass_cases(bits=4, group_size=128):
-    """The decode kernel (gate/up and down of the 57B's experts, 3584 <-> 2560) and the batched
-    kernel's first tile."""
+    """The decode kernel (gate/up and down of the 57B's experts, 3584 <-> 2560) and two tiles of
+    the batched kernel."""
     out = []
     for gu, (n, k) in ((True, (2560, 3584)), (False, (3584, 2560))):
         c = gemv_configs(1, n, k, bits, group_size or 128, 1)[0]
@@ -233,10 +235,12 @@ def sass_cases(bits=4, group_size=128):
                         weights_per_iter=c["BLOCK_N"] * c["BLOCK_K"] * (2 if gu else 1),
                         divisible=("N", "K", "stride_am", "stride_qe", "stride_se"),
                         label=f"decode-{c['BLOCK_N']}x{c['BLOCK_K']}"))
-    c = _CONFIGS[0]
-    return out + [dict(kernel="moe_matmul_kernel", BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                       GATE_UP=gu, A_ROW_DIV=8 if gu else 1, DOT_F32=False, num_warps=c["num_warps"],
-                       num_stages=c["num_stages"],
-                 weights_per_iter=c["BLOCK_N"] * c["BLOCK_K"] * (2 if gu else 1),
-                 divisible=("N", "K", "stride_am", "stride_qe", "stride_se"),
-                 label=f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}") for gu in (True, False)]
+    for c in (_CONFIGS[0], _CONFIGS[5]):  # the default tile, and a prefill-sized one
+        for gu in (True, False):
+            out.append(dict(kernel="moe_matmul_kernel", BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                            BLOCK_K=c["BLOCK_K"], GATE_UP=gu, A_ROW_DIV=8 if gu else 1, DOT_F32=False,
+                            num_warps=c["num_warps"], num_stages=c["num_stages"],
+                            weights_per_iter=c["BLOCK_N"] * c["BLOCK_K"] * (2 if gu else 1),
+                            divisible=("N", "K", "stride_am", "stride_qe", "stride_se"),
+                            label=f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"))
+    return out

@@ -6,10 +6,19 @@ of the tensors' device runs: Triton on CUDA (qgemv for M <= 16 rows, qgemm above
 kernel on the CPU where it takes the layer (cpu_gemv.supports), else the float32 reference.
 Triton's autotuning happens on a launcher's first call for a shape: run a step eagerly before
 capturing a graph. Layouts: qlite.quant.formats.
+
+int4 with bfloat16 activations on CUDA has a second backend, torch's tinygemm
+(kernels/tinygemm.py). Which one runs is decided per shape (row bucket, N, K, group, format) as
+a launcher's config is (kernels/autotune.py): the choice recorded for this GPU and triton
+version, else with QLITE_TUNE=1 both timed once (never inside a graph capture) and the faster
+recorded, else qlite's kernels. A weight gets tinygemm's copy only when a shape of it chose
+tinygemm (`_packs`, dropped with the weight).
 """
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cpu_gemv, reference
+from . import cpu_gemv, reference, tinygemm
+from .autotune import Plans
 
 DECODE_MAX_M = 16  # rows up to which the decode kernel beats the tiled GEMM (CUDA)
 _REF_CHUNK = 1 << 22  # the CPU reference dequantizes at most this many weights at a time
@@ -45,10 +54,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """x [M, K] (contiguous) @ dequantized W.T (+ bias) -> [M, N] in x's dtype; group_size 0
     for int8 (one scale per output channel)."""
     if x.is_cuda:
-        from .gemm import qgemm
-        from .gemv import qgemv
-        out = (qgemv if x.shape[0] <= DECODE_MAX_M else qgemm)(x, qweight, scales, zeros, bits,
-                                                               group_size)
+        out = _cuda_matmul(x, qweight, scales, zeros, bits, group_size)
     elif x.device.type == "cpu" and cpu_gemv.supports(bits, x.shape[1]) and cpu_gemv.available():
         return cpu_gemv.quant_matmul(x, qweight, scales, zeros, bits, group_size, bias)
     else:
@@ -56,6 +62,56 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if bias is not None:
         out += bias.to(out.dtype)
     return out
+
+
+_backend = Plans("int4-backend")  # shape key -> "triton" or "tinygemm"
+_packs = WeakIdKeyDictionary()  # qweight -> its tinygemm copy (tinygemm.pack)
+
+
+def _rows(m: int) -> int:
+    """The row bucket of a backend choice: exact through the decode sizes, then powers of 2."""
+    return m if m <= DECODE_MAX_M else min(1 << (m - 1).bit_length(), 1024)
+
+
+def _cuda_matmul(x, qweight, scales, zeros, bits, group_size):
+    from .gemm import qgemm
+    from .gemv import qgemv
+    launch = qgemv if x.shape[0] <= DECODE_MAX_M else qgemm
+    n, k = qweight.shape[0], x.shape[1]
+    if not tinygemm.supports(x, n, k, bits, group_size):
+        return launch(x, qweight, scales, zeros, bits, group_size)
+    key = (_rows(x.shape[0]), n, k, group_size, zeros is None, x.dtype, x.device)
+    use = _backend.get(key) or choose_backend(key, x, qweight, scales, zeros, group_size, launch)
+    return backend_matmul(use, x, qweight, scales, zeros, group_size, launch)
+
+
+def choose_backend(key, x, qweight, scales, zeros, group_size, launch) -> str:
+    """The backend for key (see the module docstring), remembered by _backend. Inside a CUDA
+    graph capture nothing is timed nor remembered: qlite's kernels run."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "triton"
+    had_pack = qweight in _packs
+    launch(x, qweight, scales, zeros, 4, group_size)  # its own config first: then one launch is timed
+
+    def run(name):
+        return backend_matmul(name, x, qweight, scales, zeros, group_size, launch)
+
+    use = _backend.put(key, ["triton", "tinygemm"], run)
+    if use != "tinygemm" and not had_pack:
+        _packs.pop(qweight, None)  # made only to be timed
+    return use
+
+
+def backend_matmul(use, x, qweight, scales, zeros, group_size, launch):
+    """x @ W.T by the backend `use`; tinygemm's copy of the weight is made on its first use
+    (outside a graph capture; inside one, qlite's kernel stands in)."""
+    if use == "tinygemm":
+        pack = _packs.get(qweight)
+        if pack is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            pack = _packs[qweight] = tinygemm.pack(qweight, scales, zeros)
+        if pack is not None:
+            return tinygemm.matmul(x, pack, group_size)
+    return launch(x, qweight, scales, zeros, 4, group_size)
 
 
 @torch.library.register_fake("qlite::quant_matmul", lib=_lib)

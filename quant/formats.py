@@ -22,7 +22,13 @@ whatever the activation dtype (the kernels convert to float32).
 
 The GPU kernels read this layout as it is (no repack at load): viewed as int32 words, word c of
 a row holds k = 8c + i in nibble i, so (word >> 4p) & 0x000F000F puts k = 8c + p and 8c + p + 4
-in the two 16-bit halves, the pair the decode kernel dequantizes at once (kernels/gemv.py).
+in the two 16-bit halves, the pair the decode kernel dequantizes at once (kernels/gemv.py);
+the tensor-core tiles split each word into its 8 codes in the thread that loaded it
+(kernels/dequant.py), so every kernel loads weights 16 bytes at a time. A copy, not a
+replacement: for a shape where torch's tinygemm int4 matmul measured faster (CUDA, bfloat16
+activations; kernels/ops.py), the weight also gets tinygemm's layout (kernels/tinygemm.py:
+nibble-swapped, tensor-core-tiled codes and bfloat16 (scale, offset) pairs), a second copy of
+its codes.
 
 Imported formats land in this layout (their own codes, no second rounding):
   GPTQ / AWQ int4 (quant/gptq_awq.py): integer zero points and fp16 scales, which float16 holds

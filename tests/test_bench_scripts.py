@@ -32,5 +32,7 @@ def test_gpu_stage_dry_run_on_cpu(tmp_path, stage):
     assert lines, "the stage appended nothing to its result file"
     if stage == "smoke":
         assert lines[-1] == "smoke: 0 failures" and all(line.startswith(("PASS", "smoke")) for line in lines)
+        kinds = {line.split()[1] for line in lines[:-1]}
+        assert kinds == {"qgemv", "qgemm", "fused_moe", "grouped-offload"}, kinds
     if stage == "offload":
         assert (tmp_path / "offload.md").is_file()

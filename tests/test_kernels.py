@@ -169,16 +169,18 @@ def test_moe_align_block_size_groups_slots_by_expert():
 # ---- compiled for a real GPU, without one (bench/kernel_sass.py) -------------------------------
 
 # Budgets of the main loop on sm_90, in thread-instructions per weight (bench/kernel_sass.py's
-# docstring: an H200 issues ~3.5 per int4 weight at full bandwidth, ~7 per int8 weight).
-# The int4 figure reached is 3.5 (bench/results/kernel_sass.md); the bound leaves a little
-# room for ptxas scheduling differences.
+# docstring: an H200 issues ~3.5 per int4 weight at full bandwidth, ~7 per int8 weight), for the
+# decode kernels. The int4 figure reached is 3.45 (bench/results/kernel_sass.md); the bound
+# leaves a little room for ptxas scheduling differences. The tensor-core kernels (prefill GEMM,
+# batched fused MoE) have no budget: they must read every weight through 16-byte loads too.
 STATIC = [  # (case name prefix as kernel_sass.py names it, instructions-per-weight budget or None)
     ("qgemv-int4-g128-asym-bfloat16-M1-", 3.75),
     ("qgemv-int4-g128-sym-float16-M1-", 3.75),
     ("qgemv-int8-bfloat16-M1-", 6.5),
     ("moe-gateup-int4-g128-asym-bfloat16-decode", 3.75),
     ("qgemm-int4-g128-asym-bfloat16-64x128x64", None),
-    ("moe-down-int4-g128-asym-bfloat16-16x", None),
+    ("moe-gateup-int4-g128-asym-bfloat16-16x", None),
+    ("moe-down-int4-g128-asym-bfloat16-64x", None),
 ]
 
 
@@ -209,17 +211,131 @@ def _sass_child():
 
 @pytest.mark.parametrize("prefix,budget", STATIC, ids=[p for p, _ in STATIC])
 def test_sm90_machine_code_has_no_spills_and_wide_weight_loads(sass, prefix, budget):
-    """No register spills; the decode kernels read every weight through 16-byte loads and
-    spend at most `budget` instructions per weight in their main loop; the prefill GEMM's main
-    loop multiplies with HGMMA (wgmma), fed by cp.async (num_stages) pipelining."""
+    """No register spills; every kernel reads every weight through 16-byte loads; the decode
+    kernels spend at most `budget` instructions per weight in their main loop; the tensor-core
+    kernels' main loops multiply with MMA, with 64-row tiles Hopper's HGMMA (wgmma)."""
     r = sass[prefix]
     assert "error" not in r, r
     assert r["stack"] == 0 and r["spill"] == 0, r
+    assert r["w128"] >= 1.0, f"{r['name']}: weights not all in 16-byte loads: {r}"
     if budget is not None:
-        assert r["w128"] >= 1.0, f"{r['name']}: weights not all in 16-byte loads: {r}"
         assert r["ipw"] <= budget, f"{r['name']}: {r['ipw']} instructions per weight > {budget}"
-    if prefix.startswith("qgemm"):  # prefill: Hopper's warpgroup tensor-core MMA in the main loop
-        assert r["mma"] > 0 and r["wgmma"], f"{r['name']}: no HGMMA in the main loop: {r}"
+    else:  # prefill and batched MoE multiply on tensor cores
+        assert r["mma"] > 0, f"{r['name']}: no MMA in the main loop: {r}"
+    if prefix.startswith(("qgemm", "moe-down-int4-g128-asym-bfloat16-64x")):  # 64 rows: Hopper's wgmma
+        assert r["wgmma"], f"{r['name']}: no HGMMA in the main loop: {r}"
+
+
+# ---- tinygemm (torch's CUDA int4 matmul) as a second backend, chosen per shape -------------------
+
+def test_tinygemm_repack_stands_for_the_same_weights_in_torchs_cpu_int4_op():
+    """kernels/tinygemm.py's repack: the nibble-swapped codes read with the even k high (the
+    convention of torch's CUDA packer) are qlite's codes, and its (scale, offset) pairs make
+    torch's CPU int4 op (same pairs, same w = (q - 8) * scale + offset) compute qlite's matmul.
+    Bounds: against the weights the pairs stand for, bfloat16 output rounding (2^-8 of the
+    largest output, two units); against qlite's reference, also the pairs' own rounding to
+    bfloat16 (TOL, four units)."""
+    from qlite.kernels import reference, tinygemm
+
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    n, k = 48, 256
+    for g, has_zeros in ((32, True), (128, True), (128, False), (64, True)):
+        qw, s, z = _rand_weight((), n, k, 4, g, has_zeros, gen)
+        swapped = tinygemm.swap_nibbles(qw)
+        codes = torch.stack((swapped >> 4, swapped & 15), dim=-1).flatten(-2)
+        assert torch.equal(codes, reference.unpack_int4(qw))
+        sz = tinygemm.scales_and_offsets(s, z)
+        assert sz.shape == (k // g, n, 2) and sz.dtype == torch.bfloat16 and sz.is_contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        x = torch.randn(5, k, generator=gen).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, sz).float()
+        scale, offset = (sz[..., i].float().T.repeat_interleave(g, dim=1) for i in (0, 1))
+        stands_for = x.float() @ ((codes.float() - 8) * scale + offset).T
+        assert (out - stands_for).abs().max() <= 2 ** -8 * stands_for.abs().max()
+        ref = reference.quant_matmul(x.float(), qw, s, z, 4, g)
+        assert (out - ref).abs().max() <= TOL["bfloat16"] * ref.abs().max()
+
+
+@pytest.fixture
+def backends(tmp_path, monkeypatch):
+    """kernels/ops.py's backend choice with fakes: no GPU. The two backends record their calls;
+    the timer runs what it is given once and reports the time set for that backend."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    from qlite.kernels import autotune, ops
+
+    monkeypatch.setenv("QLITE_CACHE", str(tmp_path))
+    monkeypatch.delenv("QLITE_TUNE", raising=False)
+    monkeypatch.setattr(autotune, "_disk", None)
+    monkeypatch.setattr(autotune, "_machine", lambda device: "Test GPU | triton 0")
+    monkeypatch.setattr(ops, "_backend", autotune.Plans("int4-backend"))
+    monkeypatch.setattr(ops, "_packs", WeakIdKeyDictionary())
+    calls, timed, ms = [], [], {"triton": 2.0, "tinygemm": 1.0}
+    monkeypatch.setattr(ops.tinygemm, "pack", lambda qw, s, z: calls.append("pack") or ("packed", qw))
+    monkeypatch.setattr(ops.tinygemm, "matmul", lambda x, pack, g: calls.append("tinygemm") or "tinygemm")
+
+    def timer(fn):
+        n = len(calls)
+        fn()
+        name = calls[n:][-1]
+        timed.append(name)
+        return ms[name]
+
+    monkeypatch.setattr(autotune, "_time", timer)
+
+    def launch(x, qw, s, z, bits, g):
+        calls.append("triton")
+        return "triton"
+
+    def weight():
+        return torch.zeros(64, 16, dtype=torch.uint8), torch.ones(1, 64), None
+
+    return ops, launch, weight, calls, timed, ms, tmp_path
+
+
+def _choose(ops, launch, w, m=1):
+    key = (m, 64, 32, 32, True, torch.bfloat16, torch.device("cuda"))
+    x = torch.zeros(m, 32)
+    use = ops._backend.get(key) or ops.choose_backend(key, x, *w, 32, launch)
+    return use, ops.backend_matmul(use, x, *w, 32, launch)
+
+
+def test_backend_choice_without_tuning_or_record_is_qlite_and_times_nothing(backends):
+    ops, launch, weight, calls, timed, ms, _ = backends
+    w = weight()
+    assert _choose(ops, launch, w) == ("triton", "triton")
+    assert timed == [] and "pack" not in calls and w[0] not in ops._packs
+
+
+def test_backend_choice_is_timed_once_recorded_and_repacks_only_when_chosen(backends, monkeypatch):
+    import json
+
+    from qlite.kernels import autotune
+    ops, launch, weight, calls, timed, ms, cache = backends
+    monkeypatch.setenv("QLITE_TUNE", "1")
+    w = weight()
+    assert _choose(ops, launch, w) == ("tinygemm", "tinygemm")  # 1.0 ms against 2.0
+    assert sorted(timed) == ["tinygemm", "triton"] and calls.count("pack") == 1
+    assert w[0] in ops._packs
+    record = json.loads((cache / "kernel-plans.json").read_text())["Test GPU | triton 0"]
+    assert [v for k, v in record.items() if k.startswith("int4-backend(1, 64, 32, 32, True")] == [1]
+    timed.clear()
+    assert _choose(ops, launch, w) == ("tinygemm", "tinygemm")  # looked up: no timing, no repack
+    assert timed == [] and calls.count("pack") == 1
+    # Where qlite's kernel is faster (16 rows here), tinygemm's copy made for the timing goes.
+    ms["triton"] = 0.5
+    w2 = weight()
+    assert _choose(ops, launch, w2, m=16) == ("triton", "triton")
+    assert sorted(timed) == ["tinygemm", "triton"] and w2[0] not in ops._packs
+    # A later process without tuning follows the record, and repacks on first use.
+    monkeypatch.delenv("QLITE_TUNE")
+    monkeypatch.setattr(autotune, "_disk", None)
+    monkeypatch.setattr(ops, "_backend", autotune.Plans("int4-backend"))
+    timed.clear()
+    w3 = weight()
+    assert _choose(ops, launch, w3) == ("tinygemm", "tinygemm")
+    assert _choose(ops, launch, w3, m=16) == ("triton", "triton")
+    assert timed == [] and calls.count("pack") == 3 and w3[0] in ops._packs
 
 
 # ---- the decode kernel's inline PTX, executed by a small emulator ---------------------------------

@@ -7,10 +7,12 @@ smoke      every kernel path against kernels/reference.py with the launchers' fi
            configs (no tuning), outputs poisoned with NaN first: qgemv at M = 1, 3, 5, 16 and
            forced split-K, qgemm at M = 64, 256, int8 and int4 sym/asym, N = 77 (not a multiple
            of any tile), fused MoE at T = 1, 16, and quantized experts offloaded to a 6-slot
-           device cache in grouped mode (T = 1, 3, 16; equal to the resident experts on CUDA)
+           device cache in grouped mode (T = 1, 3, 16; equal to the resident experts on CUDA),
+           and int4 through torch's tinygemm after qlite's repack (CUDA only)
 kernels    µs and % of the copy bandwidth (measured in the same run) on Qwen2-57B-A14B's shapes
            and lm_head, M in {1, 16, 256}: qlite int4/int8, fp16 cuBLAS, torch's tinygemm int4
-           (_weight_int4pack_mm), bitsandbytes NF4 where it imports; inputs rotated over 4 sets
+           (_weight_int4pack_mm), bitsandbytes NF4 where it imports, and qlite's int4 operator
+           with the backend it chose (kernels/ops.py); inputs rotated over 4 sets
 decode     whole-model decode of synthetic int4 models, demo-shaped (0.5B) and 7B-shaped:
            tok/s and the weight bytes read per token against the copy bandwidth
 offload    bench/bench_offload.py --quick on the 57B-A14B: all resident, then 24 GiB (prefetch on, off)
@@ -135,6 +137,8 @@ def smoke(log, dry):
             fails += e > 3.2e-2
             log(f"{'PASS' if e <= 3.2e-2 else 'FAIL'} fused_moe {fmt} T={t} bfloat16 err={e:.2e}")
         fails += _grouped_offload(log, device, fmt, bits, g, z, gen)
+        if bits == 4 and not dry:  # torch's tinygemm through qlite's repack (kernels/tinygemm.py)
+            fails += _tinygemm(log, device, fmt, g, z, gen)
     log(f"smoke: {fails} failures")
     return fails == 0
 
@@ -182,6 +186,29 @@ def _grouped_offload(log, device, fmt, bits, g, z, gen):
     return fails
 
 
+def _tinygemm(log, device, fmt, g, z, gen):
+    """The tinygemm backend forced (kernels/ops.py: repack on first use), against the reference;
+    its bfloat16 scales and offsets keep it within the bfloat16 bound. Returns the failures."""
+    from qlite.kernels import ops, reference
+    from qlite.kernels.gemv import qgemv
+
+    n, k = 1000, 1024
+    w = _rand_weight((), n, k, 4, g, z, device, gen)
+    fails = 0
+    for m in (1, 16, 64):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+        try:
+            out = ops.backend_matmul("tinygemm", x, *w, g, qgemv)
+            e = _err(out, reference.quant_matmul(x.float(), *w, 4, g))
+        except Exception as exc:
+            e, msg = float("inf"), f" {type(exc).__name__}: {str(exc)[:100]}"
+        else:
+            msg = ""
+        fails += not e <= 1.6e-2
+        log(f"{'PASS' if e <= 1.6e-2 else 'FAIL'} tinygemm {fmt} M={m} N={n} K={k} bfloat16 err={e:.2e}{msg}")
+    return fails
+
+
 def _timer(dry):
     if dry:
         def bench(fn):
@@ -200,7 +227,7 @@ def _timer(dry):
 
 
 def kernels(log, dry):
-    from qlite.kernels import reference
+    from qlite.kernels import ops, reference, tinygemm
     from qlite.kernels.gemm import qgemm
     from qlite.kernels.gemv import qgemv
 
@@ -224,17 +251,10 @@ def kernels(log, dry):
         qs = {b: _rand_weight((), n, k, b, 128 if b == 4 else 0, True, device) for b in (4, 8)}
         tiny = nf4 = None
         if not dry:
-            try:  # tinygemm takes [N, K / 2] uint8 with the even k in the high nibble, and per
-                # group (scale, offset) with w = (code - 8) * scale + offset
-                codes = reference.unpack_int4(qs[4][0]).to(torch.int32)
-                packed = torch.ops.aten._convert_weight_to_int4pack(
-                    ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
-                s = qs[4][1].float()
-                sz = torch.stack([s, (8 - qs[4][2].float()) * s], -1).to(torch.bfloat16).contiguous()
-                tiny = (packed, sz)
+            try:  # torch's tinygemm on qlite's repack of the same weight (kernels/tinygemm.py)
+                tiny = tinygemm.pack(*qs[4])
                 x1 = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-                e = _err(torch.ops.aten._weight_int4pack_mm(x1, packed, 128, sz),
-                         reference.quant_matmul(x1.float(), *qs[4], 4, 128))
+                e = _err(tinygemm.matmul(x1, tiny, 128), reference.quant_matmul(x1.float(), *qs[4], 4, 128))
                 log(f"tinygemm {k}x{n} matches the reference: err={e:.2e} (its bf16 scales round once more)")
             except Exception as exc:
                 log(f"tinygemm unavailable: {type(exc).__name__}: {str(exc)[:120]}")
@@ -267,8 +287,13 @@ def kernels(log, dry):
                 rows[f"qlite-int{b}"] = (bench(fn), nbytes)
             rows["fp16-cublas"] = (bench(rot(lambda x: x @ w16.T, xh)), 2 * n * k + 4 * m * (k + n))
             if tiny is not None:
-                tinygemm = lambda x: torch.ops.aten._weight_int4pack_mm(x, tiny[0], 128, tiny[1])
-                rows["tinygemm-int4"] = (bench(rot(tinygemm, xs)), n * k // 2 + tiny[1].numel() * 2)
+                rows["tinygemm-int4"] = (bench(rot(lambda x: tinygemm.matmul(x, tiny, 128), xs)),
+                                         n * k // 2 + tiny[1].numel() * 2)
+                # the operator a model calls: the backend it chose for this shape (QLITE_TUNE=1)
+                op = rot(lambda x: torch.ops.qlite.quant_matmul(x, *qs[4], 4, 128, None), xs)
+                op()
+                use = ops._backend.get((ops._rows(m), n, k, 128, False, torch.bfloat16, device)) or "?"
+                rows[f"qlite-op-int4({use})"] = (bench(op), rows["qlite-int4"][1])
             if nf4 is not None:
                 rows["bnb-nf4"] = (bench(rot(nf4, xh)), n * k // 2 + n * k // 64 * 4)
             for name, (us, nbytes) in rows.items():
@@ -333,6 +358,9 @@ def decode(log, dry):
         tok_s = steps / (time.perf_counter() - t)
         pct = f"{100 * weight_bytes * tok_s / 1e9 / bw:.0f}% of copy bandwidth" if bw else "(dry run)"
         log(f"decode {name} int4 eager: {tok_s:.1f} tok/s, {weight_bytes / 1e9:.2f} GB weights a token, {pct}")
+        from qlite.kernels import ops
+        picks = list(ops._backend._mem.values())
+        log(f"int4 backend so far: tinygemm for {picks.count('tinygemm')} of {len(picks)} shapes (kernels/ops.py)")
         del model
     return True
 

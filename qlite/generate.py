@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlite.sampling import History, device_generator, sample as sample_rows
+from qlite.sampling import History, device_generator, sample
 from qlite.errors import QliteError
 
 
@@ -89,21 +89,6 @@ class GenerationStats:
                 f"decode {self.decode_tokens_per_s:.1f} tok/s")
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
-           generator: torch.Generator | None) -> int:
-    """One token from logits [vocab] (float32) with `seen` the ids seen so far: the one-row
-    form of qlite.sampling.sample, kept for qlite.server until it keeps a History."""
-    mask = None
-    if seen is not None and p.repetition_penalty != 1.0:
-        mask = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-        mask[0, seen] = True
-    if generator is not None and generator.device != logits.device:
-        logits = logits.to(generator.device)
-        mask = None if mask is None else mask.to(generator.device)
-    return int(sample_rows(logits[None], p.temperature, p.top_k, p.top_p,
-                               p.repetition_penalty, mask, generator)[0])
-
-
 def fit_chat(tokenizer, messages: list[dict], context: int, reserve: int):
     """Token ids of the chat prompt, dropping the oldest turns (never the system prompt or the
     last message) until prompt + `reserve` new tokens fit in `context`. Returns (ids, dropped)."""
@@ -174,7 +159,7 @@ class Tokens:
                                            start=reuse, progress=show)[None]
                 position = torch.tensor([n], device=device)
                 while True:
-                    step = sample_rows(logits, p.temperature, p.top_k, p.top_p,
+                    step = sample(logits, p.temperature, p.top_k, p.top_p,
                                            p.repetition_penalty, history.seen, generator)
                     token = int(step[0])  # the one read back of a step
                     now = time.perf_counter()

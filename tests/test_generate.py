@@ -7,7 +7,8 @@ import torch
 
 import qlite
 from qlite.errors import QliteError
-from qlite.generate import SamplingParams, sample
+from qlite.generate import SamplingParams
+from qlite.sampling import sample
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +38,21 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(dense):
 
 
 def test_top_k_1_is_greedy():
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    p = SamplingParams(temperature=5.0, top_k=1, top_p=1.0, repetition_penalty=1.0)
-    assert sample(logits.clone(), p, None, torch.Generator().manual_seed(1)) == logits.argmax()
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    got = sample(logits, temperature=5.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert got.tolist() == [int(logits.argmax())]
 
 
 def test_top_p_keeps_only_the_nucleus():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    p = SamplingParams(temperature=1.0, top_k=0, top_p=0.7, repetition_penalty=1.0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    assert {sample(logits.clone(), p, None, g) for _ in range(200)} == {0, 1}
+    assert {int(sample(logits, 1.0, 0, 0.7, generator=g)) for _ in range(200)} == {0, 1}
 
 
 def test_repetition_penalty_lowers_seen_tokens():
-    logits = torch.tensor([2.0, 1.9, -1.0])
-    p = SamplingParams(temperature=0, repetition_penalty=2.0)
-    assert sample(logits.clone(), p, torch.tensor([0]), None) == 1
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, False]])
+    assert int(sample(logits, 0.0, repetition_penalty=2.0, seen=seen)) == 1
 
 
 def test_stream_never_splits_a_character(dense):

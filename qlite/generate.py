@@ -160,7 +160,7 @@ class Tokens:
                 position = torch.tensor([n], device=device)
                 while True:
                     step = sample(logits, p.temperature, p.top_k, p.top_p,
-                                           p.repetition_penalty, history.seen, generator)
+                                  p.repetition_penalty, history.seen, generator)
                     token = int(step[0])  # the one read back of a step
                     now = time.perf_counter()
                     if stats.generated_tokens == 0:

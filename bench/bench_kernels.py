@@ -1,4 +1,5 @@
-"""Kernel table on a CUDA GPU: qlite int4/int8 vs torch fp16 (cuBLAS) vs bitsandbytes NF4/int8.
+"""Kernel table on a CUDA GPU: qlite int4/int8 vs torch fp16 (cuBLAS) vs torch's tinygemm int4 vs
+bitsandbytes NF4/int8.
 
     python bench/bench_kernels.py            # the whole table -> bench/results/kernels_<gpu>_<date>.md
     python bench/bench_kernels.py --quick    # two shapes, M in {1, 16}: a smoke run
@@ -68,6 +69,7 @@ def bnb_linears(bnb, w16):
 
 
 def linear_rows(shapes, ms, bw):
+    from qlite.kernels import tinygemm
     rows = []
     try:
         import bitsandbytes as bnb
@@ -79,6 +81,9 @@ def linear_rows(shapes, ms, bw):
         for bits in (4, 8):
             q = packed_random(n, k, bits)
             impls[f"qlite int{bits}"] = (q, nbytes(q.qweight, q.scales, q.zeros))
+            if bits == 4:  # torch's tinygemm on the same weight (kernels/tinygemm.py), bf16 activations
+                pack = tinygemm.pack(q.qweight, q.scales, q.zeros)
+                impls["tinygemm int4"] = (lambda x, p=pack: tinygemm.matmul(x, p, 128), nbytes(*pack))
         if bnb is not None:
             try:
                 impls.update(bnb_linears(bnb, w16))
@@ -87,9 +92,11 @@ def linear_rows(shapes, ms, bw):
         for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
             fp16_us = None
+            xb = x.bfloat16()
             for name, (fn, wbytes) in impls.items():
+                xin = xb if name.startswith("tinygemm") else x
                 try:
-                    us = bench(lambda: fn(x))
+                    us = bench(lambda: fn(xin))
                 except Exception as exc:  # report, keep going
                     print(f"{name} {k}->{n} M={m}: {type(exc).__name__}: {exc}", file=sys.stderr)
                     continue

@@ -102,43 +102,49 @@ def smoke(log, dry):
     tol = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # tests/test_kernels.py
     fails = 0
     formats = ((4, 128, True), (4, 128, False), (4, 32, True), (8, 0, False))
-    for bits, g, z in formats[:1] if dry else formats:  # a dry run checks the plumbing only
-        fmt = f"int{bits}" + (f"-g{g}-{'asym' if z else 'sym'}" if bits == 4 else "")
-        for n, k in ((77, 384),) if dry else ((77, 384), (1000, 1024)):
-            w = _rand_weight((), n, k, bits, g, z, device, gen)
+    formats = formats[:1] if dry else formats  # a dry run checks the plumbing only
+    shapes = ((77, 384),) if dry else ((77, 384), (1000, 1024))
+    weights = {(f, s): _rand_weight((), *s, *f, device, gen) for f in formats for s in shapes}
+    # bfloat16 first, every path, then the other dtypes: a timeout cuts the least important
+    for dt in (torch.bfloat16,) if dry else (torch.bfloat16, torch.float16, torch.float32):
+        for (bits, g, z), (n, k) in weights:
+            w = weights[(bits, g, z), (n, k)]
+            fmt = f"int{bits}" + (f"-g{g}-{'asym' if z else 'sym'}" if bits == 4 else "")
             for m, kind, split in ((1, "qgemv", 0), (3, "qgemv", 0), (5, "qgemv", 0), (16, "qgemv", 0),
                                    (1, "qgemv", 3), (16, "qgemv", 2), (64, "qgemm", 0), (256, "qgemm", 0)):
-                for dt in (torch.bfloat16,) if dry else (torch.bfloat16, torch.float16, torch.float32):
-                    x = torch.randn(m, k, generator=gen).to(dt).to(device)
-                    ref = reference.quant_matmul(x.float(), *w, bits, g)
-                    out = torch.full((m, n), float("nan"), dtype=dt, device=device)
-                    cfg = dict(configs(m, n, k, bits, g or 128, 132)[0], SPLIT_K=split) if split else None
-                    if dry:
-                        out.copy_(reference.quant_matmul(x, *w, bits, g))
-                    else:
-                        (qgemv if kind == "qgemv" else qgemm)(x, *w, bits, g, out=out, config=cfg)
-                    e = _err(out, ref)
-                    ok = e <= tol[dt]
-                    fails += not ok
-                    if not ok or dt == torch.bfloat16:
-                        log(f"{'PASS' if ok else 'FAIL'} {kind} {fmt} M={m} N={n} K={k} split={split} "
-                            f"{str(dt)[6:]} err={e:.2e}")
-        e_, topk, d, inter = 16, 4, 256, 128
-        w13 = _rand_weight((e_,), 2 * inter, d, bits, g, z, device, gen)
-        w2 = _rand_weight((e_,), d, inter, bits, g, z, device, gen)
-        for t in (1, 16):
-            x = torch.randn(t, d, generator=gen).to(torch.bfloat16).to(device)
-            ids = torch.stack([torch.randperm(e_, generator=gen)[:topk] for _ in range(t)]).to(device)
-            wts = torch.rand(t, topk, generator=gen).softmax(-1).to(device)
-            ref = reference.fused_moe(x.float(), ids, wts, w13, w2, bits, g)
-            out = torch.full((t, d), float("nan"), dtype=x.dtype, device=device)
-            out.copy_(ref) if dry else fused_moe(x, ids, wts, w13, w2, bits, g, out=out)
-            e = _err(out, ref)
-            fails += e > 3.2e-2
-            log(f"{'PASS' if e <= 3.2e-2 else 'FAIL'} fused_moe {fmt} T={t} bfloat16 err={e:.2e}")
-        fails += _grouped_offload(log, device, fmt, bits, g, z, gen)
-        if bits == 4 and not dry:  # torch's tinygemm through qlite's repack (kernels/tinygemm.py)
-            fails += _tinygemm(log, device, fmt, g, z, gen)
+                x = torch.randn(m, k, generator=gen).to(dt).to(device)
+                ref = reference.quant_matmul(x.float(), *w, bits, g)
+                out = torch.full((m, n), float("nan"), dtype=dt, device=device)
+                cfg = dict(configs(m, n, k, bits, g or 128, 132)[0], SPLIT_K=split) if split else None
+                if dry:
+                    out.copy_(reference.quant_matmul(x, *w, bits, g))
+                else:
+                    (qgemv if kind == "qgemv" else qgemm)(x, *w, bits, g, out=out, config=cfg)
+                e = _err(out, ref)
+                ok = e <= tol[dt]
+                fails += not ok
+                log(f"{'PASS' if ok else 'FAIL'} {kind} {fmt} M={m} N={n} K={k} split={split} "
+                    f"{str(dt)[6:]} err={e:.2e}")
+        if dt != torch.bfloat16:
+            continue
+        for bits, g, z in formats:
+            fmt = f"int{bits}" + (f"-g{g}-{'asym' if z else 'sym'}" if bits == 4 else "")
+            e_, topk, d, inter = 16, 4, 256, 128
+            w13 = _rand_weight((e_,), 2 * inter, d, bits, g, z, device, gen)
+            w2 = _rand_weight((e_,), d, inter, bits, g, z, device, gen)
+            for t in (1, 16):
+                x = torch.randn(t, d, generator=gen).to(torch.bfloat16).to(device)
+                ids = torch.stack([torch.randperm(e_, generator=gen)[:topk] for _ in range(t)]).to(device)
+                wts = torch.rand(t, topk, generator=gen).softmax(-1).to(device)
+                ref = reference.fused_moe(x.float(), ids, wts, w13, w2, bits, g)
+                out = torch.full((t, d), float("nan"), dtype=x.dtype, device=device)
+                out.copy_(ref) if dry else fused_moe(x, ids, wts, w13, w2, bits, g, out=out)
+                e = _err(out, ref)
+                fails += e > 3.2e-2
+                log(f"{'PASS' if e <= 3.2e-2 else 'FAIL'} fused_moe {fmt} T={t} bfloat16 err={e:.2e}")
+            fails += _grouped_offload(log, device, fmt, bits, g, z, gen)
+            if bits == 4 and not dry:  # torch's tinygemm through qlite's repack (kernels/tinygemm.py)
+                fails += _tinygemm(log, device, fmt, g, z, gen)
     log(f"smoke: {fails} failures")
     return fails == 0
 

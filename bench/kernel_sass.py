@@ -77,6 +77,8 @@ def cases(dtypes=("bfloat16",)):
                 kernel = c.pop("kernel")
                 c.update({k: v for k, v in dict(F16=dt == "float16", DOT_F32=dt == "float32",
                                                 PAIRS=dt != "float32").items() if k in c})
+                if "TILE16" in c:
+                    c["TILE16"] = c["TILE16"] and dt != "float32"
                 sig = dict(gemv.SIGNATURE, x_ptr=a, qw_ptr=w, out_ptr=a)
                 out.append(_case("qgemv", "gemv." + kernel, fmt, dt, sig, {**fmt_c, **c}, bits))
             for c in gemm.sass_cases():

@@ -17,7 +17,11 @@ float32 activations (and the interpreter, which runs no PTX) take the same path 
 int8: bytes become floats through 0x4B000000 | (q ^ 0x80) (2^23 + q + 128), one FADD away
 from q; the per-channel scale is applied once, at the end.
 
-M in 5..16 multiplies on tensor cores (tl.dot), the weight tile dequantized in registers.
+M in 5..16 multiplies on tensor cores (tl.dot), the weight tile dequantized in registers; int4
+with 16-bit activations from M = 3 (compiled; the interpreter keeps the float32 tile), by
+kernels/dequant.py's load_weight_tile16: the same LOP3 trick gives 16-bit pairs, scaled in 16 bits,
+W's rows the MMA's M dimension (out.T = W @ x.T: 64-row tiles take Hopper's wgmma), the zero
+point folded in through per-group sums of x in float32 (zero_point_share).
 
 Split-K (SPLIT_K > 1): each program writes its float32 partial sums to a workspace and bumps
 a per-tile counter; the program that arrives last sums the partials and writes the output,
@@ -28,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .autotune import Plans, dot_f32, interpreting
-from .dequant import dot_acc, load_weight_tile
+from .dequant import dot_acc, load_weight_tile, load_weight_tile16, zero_point_share
 
 _BF16_PAIRS = """{
 .reg .b32 a0, a1, a2, a3, s, one;
@@ -275,9 +279,11 @@ def qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
 def qgemv_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, ITERS,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr):
-    """Tensor-core decode for 4 < M <= 16 (BLOCK_M = 16): weight tiles dequantized in
-    registers, float32 accumulation, the same split-K finish."""
+                     SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, TILE16: tl.constexpr = False,
+                     F16: tl.constexpr = False):
+    """Tensor-core decode for the rows qgemv_kernel does not take (BLOCK_M = 16): weight tiles
+    dequantized in registers, float32 accumulation, the same split-K finish. TILE16 (int4, F16 or
+    bfloat16 activations): load_weight_tile16 and out.T = W @ x.T (see the module docstring)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -285,14 +291,23 @@ def qgemv_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N
     it_lo = pid_k * ITERS
     it_hi = tl.minimum(it_lo + ITERS, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for it in range(it_lo, it_hi):
         k0 = it * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
-                             BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(x.dtype)
-        acc = dot_acc(x, w, acc, DOT_F32)
+        if BITS == 4 and TILE16:  # W's rows as the MMA's M dimension (accT = W @ x.T): rows of x are few
+            w = load_weight_tile16(qw_ptr, s_ptr, offs_n, k0, N, K, GROUP, BLOCK_N, BLOCK_K, F16)
+            accT = tl.dot(w, tl.trans(x), accT)
+            if HAS_ZEROS:
+                acc += zero_point_share(x, s_ptr, z_ptr, offs_n, k0, N, K, GROUP, BLOCK_K)
+        else:
+            w = load_weight_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K,
+                                 BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K).to(x.dtype)
+            acc = dot_acc(x, w, acc, DOT_F32)
+    if BITS == 4 and TILE16:
+        acc += tl.trans(accT)
     if BITS == 8:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
@@ -301,6 +316,7 @@ def qgemv_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N
 # ---- launcher -----------------------------------------------------------------------------------
 
 CUDA_CORE_MAX_M = 4  # above: tensor cores
+TILE16_CUDA_CORE_MAX_M = 2  # int4 with 16-bit activations: from 3 rows the tensor-core tile is cheaper
 
 
 def _cdiv(a, b):
@@ -312,15 +328,23 @@ def _int8_block_k(bits, k):
     return next((b for b in (256, 128, 64) if k % b == 0), 0) if bits == 8 else 1
 
 
-def configs(m, n, k, bits, group_size, sms):
+def _cuda_cores(m, k, bits, tile16):
+    """Whether m rows take the CUDA-core kernel (else tensor cores). tile16: int4 weights with
+    16-bit activations, compiled (kernels/dequant.py's load_weight_tile16)."""
+    return m <= (TILE16_CUDA_CORE_MAX_M if tile16 else CUDA_CORE_MAX_M) and _int8_block_k(bits, k) > 0
+
+
+def configs(m, n, k, bits, group_size, sms, tile16=False):
     """The short whitelist for one shape, best guess first: (BLOCK_N, BLOCK_K, num_warps) with a
     split of K that brings the grid to about two waves of the SMs."""
-    if m <= CUDA_CORE_MAX_M and _int8_block_k(bits, k):
+    if _cuda_cores(m, k, bits, tile16):
         bk = min(group_size, 128) if bits == 4 else _int8_block_k(bits, k)  # int4: one group a tile
         # A 4-warp program covers `cover` rows with one 16-byte word quad per thread; each
         # thread then holds r rows (r x 16 bytes in flight, the activations shared by the r).
         cover = 512 * (8 if bits == 4 else 4) // bk
-        tiles = [(r * cover, bk, 4) for r in ((4, 2, 1) if m == 1 else (2, 1, 4))]
+        tiles = [(r * cover, bk, 4) for r in (4, 2, 1)]
+    elif tile16:  # W's rows are the MMA's M dimension: 64 or more for Hopper's wgmma
+        tiles = [(128, 64, 4), (64, 128, 4), (64, 64, 4)]
     else:
         tiles = [(32, 128, 4), (64, 64, 4), (16, 256, 4)]
     out = []
@@ -369,11 +393,12 @@ def _plan(x, qweight, N, K, bits, group_size, zeros, config):
     """Everything of a launch but the tensors: (kernel, grid, scratch sizes, kwargs), per config."""
     M = x.shape[0]
     assert M <= 16 and x.stride(1) == 1, "qgemv: rows of x must be contiguous"
-    cuda_cores = M <= CUDA_CORE_MAX_M and _int8_block_k(bits, K) > 0
+    tile16 = bits == 4 and x.dtype != torch.float32 and not interpreting()
+    cuda_cores = _cuda_cores(M, K, bits, tile16)
     assert not cuda_cores or M == 1 or x.stride(0) % 4 == 0, "qgemv: rows of x must start 8-byte aligned"
     group = group_size if bits == 4 else 0
     sms = _sms(x.device)
-    cands = [config] if config is not None else configs(M, N, K, bits, group_size, sms)
+    cands = [config] if config is not None else configs(M, N, K, bits, group_size, sms, tile16)
     plans = []
     for c in cands:
         bn, bk, split = c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
@@ -391,7 +416,8 @@ def _plan(x, qweight, N, K, bits, group_size, zeros, config):
         else:
             # No software pipelining: with it the weight tile goes through cp.async 8 bytes at a
             # time; without, through 16-byte loads (bench/kernel_sass.py), and occupancy hides latency.
-            kw.update(BLOCK_M=16, DOT_F32=dot_f32(x.dtype), num_stages=1)
+            kw.update(BLOCK_M=16, DOT_F32=dot_f32(x.dtype), num_stages=1, F16=x.dtype == torch.float16,
+                      TILE16=tile16)
             kernel = qgemv_dot_kernel
         stride = x.stride(0) if M > 1 else K
         plans.append((kernel, grid, split * M * N if split > 1 else 0, grid[0], iters, stride, kw))
@@ -426,15 +452,18 @@ SIGNATURE = dict(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*fp16", z_ptr="*fp16", out_
 
 def sass_cases(bits, group_size):
     """Constexprs of the configs bench/kernel_sass.py compiles: the whitelist's first tiles at
-    M = 1, 2, 4 (CUDA cores) and M = 16 (tensor cores), for a 3584 x 3584 shape on 132 SMs."""
+    M = 1, 2, 4, 16 for a 3584 x 3584 shape on 132 SMs, 16-bit activations (TILE16: the caller
+    turns it off for float32)."""
     out = []
+    tile16 = bits == 4
     for m in (1, 2, 4, 16):
-        for c in configs(m, 3584, 3584, bits, group_size or 128, 132)[:3]:
+        for c in configs(m, 3584, 3584, bits, group_size or 128, 132, tile16)[:3]:
             base = dict(BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"], num_warps=c["num_warps"],
                         num_stages=3, divisible=("N", "K", "stride_xm"),
                         label=f"M{m}-{c['BLOCK_N']}x{c['BLOCK_K']}s{c['SPLIT_K']}")
-            if m <= CUDA_CORE_MAX_M:
+            if _cuda_cores(m, 3584, bits, tile16):
                 out.append(dict(base, kernel="qgemv_kernel", BLOCK_M=m, PAIRS=True, F16=False))
             else:
-                out.append(dict(base, kernel="qgemv_dot_kernel", BLOCK_M=16, DOT_F32=False, num_stages=1))
+                out.append(dict(base, kernel="qgemv_dot_kernel", BLOCK_M=16, DOT_F32=False, num_stages=1,
+                                TILE16=tile16, F16=False))
     return out

@@ -170,14 +170,16 @@ def test_moe_align_block_size_groups_slots_by_expert():
 
 # Budgets of the main loop on sm_90, in thread-instructions per weight (bench/kernel_sass.py's
 # docstring: an H200 issues ~3.5 per int4 weight at full bandwidth, ~7 per int8 weight), for the
-# decode kernels. The int4 figure reached is 3.45 (bench/results/kernel_sass.md); the bound
-# leaves a little room for ptxas scheduling differences. The tensor-core kernels (prefill GEMM,
-# batched fused MoE) have no budget: they must read every weight through 16-byte loads too.
+# decode kernels. The int4 figures reached are 3.45 at M = 1 and 4.97 on tensor cores (M >= 3,
+# bench/results/kernel_sass.md); the bounds leave a little room for ptxas scheduling
+# differences. Prefill GEMM and batched fused MoE have no budget: they must read every weight
+# through 16-byte loads too.
 STATIC = [  # (case name prefix as kernel_sass.py names it, instructions-per-weight budget or None)
     ("qgemv-int4-g128-asym-bfloat16-M1-", 3.75),
     ("qgemv-int4-g128-sym-float16-M1-", 3.75),
     ("qgemv-int8-bfloat16-M1-", 6.5),
     ("moe-gateup-int4-g128-asym-bfloat16-decode", 3.75),
+    ("qgemv-int4-g128-asym-bfloat16-M16-", 5.25),  # tensor cores, the 16-bit tile: 4.97
     ("qgemm-int4-g128-asym-bfloat16-64x128x64", None),
     ("moe-gateup-int4-g128-asym-bfloat16-16x", None),
     ("moe-down-int4-g128-asym-bfloat16-64x", None),
@@ -220,10 +222,10 @@ def test_sm90_machine_code_has_no_spills_and_wide_weight_loads(sass, prefix, bud
     assert r["w128"] >= 1.0, f"{r['name']}: weights not all in 16-byte loads: {r}"
     if budget is not None:
         assert r["ipw"] <= budget, f"{r['name']}: {r['ipw']} instructions per weight > {budget}"
-    else:  # prefill and batched MoE multiply on tensor cores
+    if budget is None or "-M16-" in prefix:  # prefill, batched MoE, decode from 3 rows: tensor cores
         assert r["mma"] > 0, f"{r['name']}: no MMA in the main loop: {r}"
-    if prefix.startswith(("qgemm", "moe-down-int4-g128-asym-bfloat16-64x")):  # 64 rows: Hopper's wgmma
-        assert r["wgmma"], f"{r['name']}: no HGMMA in the main loop: {r}"
+    if prefix.startswith(("qgemm", "moe-down-int4-g128-asym-bfloat16-64x", "qgemv-int4-g128-asym-bfloat16-M16")):
+        assert r["wgmma"], f"{r['name']}: no HGMMA (Hopper's wgmma, 64-row tiles) in the main loop: {r}"
 
 
 # ---- tinygemm (torch's CUDA int4 matmul) as a second backend, chosen per shape -------------------
@@ -432,6 +434,26 @@ def test_decode_ptx_blocks_compute_the_documented_sums(half):
         exact = ((nib.double() - 8) * x.double()).sum().item()
         bound = (2 ** -10 if half else 2 ** -7) * 4 * ((nib.double() - 8).abs() * x.double().abs()).sum().item()
         assert abs(_f32(out["$0"]) - exact) <= bound, (nib.tolist(), x.tolist(), _f32(out["$0"]), exact)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["bf16", "fp16"])
+def test_tensor_core_tile_ptx_gives_each_weight_in_k_order(half):
+    """kernels/dequant.py's _TILE_ASM: one int4 word and its group's scale pair -> the word's 8
+    weights (n - 8) * s, rounded once to the 16-bit type, two per register in k order."""
+    from qlite.kernels import dequant
+
+    text = str(getattr(dequant.TILE_F16 if half else dequant.TILE_BF16, "value", None) or
+               (dequant.TILE_F16 if half else dequant.TILE_BF16))
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for _ in range(20):
+        nib = torch.randint(0, 16, (8,), generator=gen)
+        w = sum(int(n) << (4 * i) for i, n in enumerate(nib))  # nibble i is k = 8c + i (formats.py)
+        scale = float((torch.rand(1, generator=gen) * 0.1 + 0.001).half())
+        sb = _f16bits(scale, half)
+        out = _run_ptx(text, {"$4": w, "$12": sb | sb << 16})
+        got = [(out[f"${k // 2}"] >> (16 * (k % 2))) & 0xFFFF for k in range(8)]
+        want = [_f16bits((int(n) - 8) * _f16val(sb, half), half) for n in nib]
+        assert got == want, (nib.tolist(), scale)
 
 
 # ---- CUDA: run when a GPU is lent --------------------------------------------------------------

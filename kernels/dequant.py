@@ -1,5 +1,7 @@
-"""The weight-tile loader and the dot step shared by the matmul and MoE kernels (layouts:
-qlite.quant.formats)."""
+"""The weight-tile loaders and the dot step shared by the matmul and MoE kernels (layouts:
+qlite.quant.formats): load_weight_tile (float32, any format), load_weight_tile16 (int4 in the
+activations' 16-bit type, without the zero point) with zero_point_share (the zero point's part
+of the product)."""
 import triton
 import triton.language as tl
 

@@ -9,12 +9,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 import qlite
 from qlite.cli import main
 from qlite.errors import QliteError
 from qlite.export import export_checkpoint
+from qlite.kernels.reference import dequantize
 from qlite.quantize import quantize_checkpoint
 
 from conftest import save_tiny
@@ -142,3 +144,32 @@ def test_quantize_straight_to_gptq(tiny_dense, tmp_path):
     assert (tmp_path / "direct" / "model.safetensors").read_bytes() == \
         (two_steps / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "q", "two"]
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_export_then_qlites_gptq_import_gives_back_the_same_weights(which, tiny_dense, moe32,
+                                                                   tmp_path):
+    """qlite int4 -> `qlite export --format gptq` -> qlite.load (the GPTQ import,
+    qlite/gptq_awq.py): every quantized matrix dequantizes to the same float32 weights bit for
+    bit; every other tensor is the source's rounded to float16 (GPTQ's storage)."""
+    src = tiny_dense[0] if which == "dense" else moe32
+    q = _quantized(src, tmp_path, keep_16bit="embed,lm_head")
+    out = export_checkpoint(q, tmp_path / "gptq")
+    a, b = qlite.load(q, dtype="float32"), qlite.load(out, dtype="float32")
+    bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())
+    packed = [n[:-len(".qweight")] for n in bufs_a if n.endswith(".qweight")]
+    assert packed == [n[:-len(".qweight")] for n in bufs_b if n.endswith(".qweight")]
+    assert len(packed) == (14 if which == "dense" else sum(
+        2 + 3 * (layer.mlp.shared_expert is not None) if hasattr(layer.mlp, "experts") else 3
+        for layer in a.model.layers) + 4 * len(a.model.layers))
+    for p in packed:
+        wa, wb = (dequantize(bufs[p + ".qweight"], bufs[p + ".scales"], bufs.get(p + ".zeros"),
+                             4, 32) for bufs in (bufs_a, bufs_b))
+        assert torch.equal(wa, wb), p
+    # the rest as GPTQ checkpoints keep it: float16 (embedding, lm_head, norms, biases)
+    rest = [n for n in bufs_a | dict(a.named_parameters())
+            if n.rpartition(".")[0] not in packed or n.endswith(".bias")]
+    params_b = dict(b.named_parameters()) | bufs_b
+    for n, t in (dict(a.named_parameters()) | bufs_a).items():
+        if n in rest:
+            assert torch.equal(params_b[n], t.half().float()), n

@@ -80,7 +80,8 @@ def perplexity(model, sequences: list[torch.Tensor]) -> tuple[float, int]:
 def gptq_checkpoint(name, opts, model_dir, args) -> tuple[Path, str]:
     """The variant's `qlite quantize --method gptq` output, written once under --gptq-cache."""
     from qlite.quantize import quantize_checkpoint
-    out = Path(args.gptq_cache).expanduser() / f"{name}-{args.calibration_tokens}tok"
+    from qlite.quant.gptq import VERSION
+    out = Path(args.gptq_cache).expanduser() / f"{name}-{args.calibration_tokens}tok-{VERSION}"
     if (out / "config.json").is_file():
         return out, "cached checkpoint"
     t0 = time.time()
@@ -127,11 +128,15 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--calibration-tokens", type=int, default=8192, help="GPTQ variants")
+    p.add_argument("--calibration-tokens", type=int, default=None,
+                   help="GPTQ variants (default: qlite/calibrate.py's DEFAULT_TOKENS)")
     p.add_argument("--gptq-cache", default="~/.cache/qlite/bench",
                    help="where GPTQ variants' checkpoints are written and reused")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.md"))
     args = p.parse_args(argv)
+    if args.calibration_tokens is None:
+        from qlite.calibrate import DEFAULT_TOKENS
+        args.calibration_tokens = DEFAULT_TOKENS
     if args.threads:
         torch.set_num_threads(args.threads)
     from qlite.loader import resolve_model_dir

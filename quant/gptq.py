@@ -15,9 +15,22 @@ the matrix once per block (one matmul). H is damped by 1% of its mean diagonal; 
 that never saw a non-zero value gets H[k, k] = 1 (its weights are still quantized, and neither
 give nor take error feedback).
 
-Group parameters are computed when the loop reaches a group's first column, from that group's
-weights as the earlier feedback left them (no static groups, no activation reordering), and are
-rounded to float16 first so the codes and the feedback use exactly the stored values:
+Two refinements, both on by default (measured on the demo model, bench/results/quality.md):
+  activation order (`act_order`, GPTQ's desc_act): the columns are quantized by decreasing
+      H[k, k], so the inputs that matter most are rounded first, while the most columns are
+      left to absorb their error. With STATIC GROUPS: every group's scale and zero point are
+      computed once, before the loop, from its own columns k // G of the original weights.
+      The result is therefore in the plain layout (no permutation stored; as a GPTQ
+      checkpoint g_idx = k // G and desc_act false, which is what vLLM's Marlin kernels and
+      `qlite export --format gptq` need). Without act_order the group parameters are instead
+      computed when the loop reaches a group's first column, from the weights as the earlier
+      feedback left them (GPTQ's original scheme).
+  clipping search (`shrinks`, GPTQModel's `mse` option): each group's range is the one of
+      max|w| (or min..max) x 1.00, 0.99 .. 0.75 whose rounding error sum_k H[k, k] (w - q)^2
+      is smallest (H[k, k] weighs each column by its input's energy).
+
+Scales are rounded to float16 before use so the codes and the feedback use exactly the stored
+values:
   symmetric   scale = 2 max|w| / 15, zero point 8 (codes - 8 in [-8, 7]), GPTQ's convention
   asymmetric  scale = (max - min) / 15 over the group's range widened to include 0, integer
               zero = round(-min / scale) (so it converts to GPTQ's integer zeros)
@@ -35,6 +48,8 @@ from .formats import GROUP_SIZES, QuantizedTensor, pack_int4
 
 BLOCK = 128  # columns per lazy update; a multiple of every group size
 PERCDAMP = 0.01
+VERSION = "2-actorder-clip"  # names the defaults below (bench/bench_quality.py keys its cache on it)
+CLIP_SHRINKS = tuple(1 - i / 100 for i in range(26))  # each group's range x 1.00, 0.99 .. 0.75
 _MIN_SCALE = 1e-6
 
 
@@ -58,23 +73,45 @@ class Hessian:
         return self.sum * (2 / max(self.tokens, 1))
 
 
-def _group_params(w: torch.Tensor, symmetric: bool):
-    """Scale and zero point [N, 1] of the groups w [N, G], float16-exact values in float32."""
+def _minmax_params(w: torch.Tensor, symmetric: bool, shrink: float = 1.0):
+    """Scale and zero point [..., 1] of the groups w [..., G] over their range (times
+    `shrink`), float16-exact values in float32."""
     if symmetric:
-        s = (w.abs().amax(-1, keepdim=True) * (2 / 15)).clamp(min=_MIN_SCALE)
+        s = (w.abs().amax(-1, keepdim=True) * (2 * shrink / 15)).clamp(min=_MIN_SCALE)
         return s.half().float(), torch.full_like(s, 8.0)
-    lo = w.amin(-1, keepdim=True).clamp(max=0)
-    hi = w.amax(-1, keepdim=True).clamp(min=0)
+    lo = w.amin(-1, keepdim=True).clamp(max=0) * shrink
+    hi = w.amax(-1, keepdim=True).clamp(min=0) * shrink
     s = ((hi - lo) / 15).clamp(min=_MIN_SCALE).half().float()
     return s, (-lo / s).round().clamp(0, 15)
 
 
-def _inverse_cholesky(h: torch.Tensor, where: str) -> torch.Tensor:
+def _group_params(w: torch.Tensor, symmetric: bool, importance: torch.Tensor | None = None,
+                  shrinks=(1.0,), norm: float = 2.0):
+    """Scale and zero point [..., 1] of the groups w [..., G]: for each group the range shrink
+    in `shrinks` whose rounding error sum_j importance_j |w_j - dq_j|^norm is smallest
+    (importance [G], default ones)."""
+    best = None
+    for f in shrinks:
+        s, z = _minmax_params(w, symmetric, f)
+        if len(shrinks) == 1:
+            return s, z
+        err = (((w / s + z).round().clamp(0, 15) - z) * s - w).abs().pow(norm)
+        err = (err if importance is None else err * importance).sum(-1, keepdim=True)
+        if best is None:
+            best = err, s, z
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, s, best[1]),
+                    torch.where(better, z, best[2]))
+    return best[1], best[2]
+
+
+def _inverse_cholesky(h: torch.Tensor, where: str, percdamp: float = PERCDAMP) -> torch.Tensor:
     """The upper Cholesky factor U of H^-1 (U^T U = H^-1, H damped), growing the damping if H
     is not positive definite numerically. With J the order reversal and J H J = L L^T,
     U = J L^-1 J: one factorisation and one triangular inverse (2/3 K^3 flops, not 5/3 K^3
     for cholesky, cholesky_inverse, cholesky)."""
-    damp = PERCDAMP * h.diagonal().mean().item()
+    damp = percdamp * h.diagonal().mean().item()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(6):
         low, info = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
@@ -86,7 +123,9 @@ def _inverse_cholesky(h: torch.Tensor, where: str) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128,
-                  symmetric: bool = True, name: str = "weight") -> QuantizedTensor:
+                  symmetric: bool = True, name: str = "weight", *, act_order: bool = True,
+                  static_groups: bool | None = None, shrinks=CLIP_SHRINKS, clip_importance: bool = True,
+                  clip_norm: float = 2.0, percdamp: float = PERCDAMP) -> QuantizedTensor:
     """GPTQ of weight [N, K] with its inputs' Hessian [K, K] -> int4 QuantizedTensor (qlite's
     layout). Runs on the weight's device in float32."""
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -98,30 +137,50 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         raise QliteError(f"group_size {group_size} does not divide in_features {k} of {name}")
     if tuple(hessian.shape) != (k, k):
         raise QliteError(f"{name}: Hessian {tuple(hessian.shape)} does not match {k} inputs")
+    static = act_order if static_groups is None else static_groups
+    if act_order and not static:
+        raise QliteError(f"{name}: act_order needs static groups (qlite stores no g_idx)")
     dev = weight.device
     w = weight.float().clone()
     h = hessian.to(dev, torch.float32).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    hinv = _inverse_cholesky(h, name)
+    diag = h.diagonal().clone()
+    ngroups = k // group_size
+
+    def params(wg, cols):  # wg [..., G] at the input columns cols [G]
+        imp = diag[cols] if clip_importance else None
+        return _group_params(wg, symmetric, imp, shrinks, clip_norm)
+
+    scales = torch.empty(ngroups, n, dtype=torch.float32, device=dev)
+    zeros = torch.empty_like(scales)
+    if static:  # every group's parameters from the weights before any feedback
+        cols = torch.arange(k, device=dev).view(ngroups, group_size)
+        for gi in range(ngroups):
+            s, z = params(w[:, cols[gi]], cols[gi])
+            scales[gi], zeros[gi] = s[:, 0], z[:, 0]
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(k, device=dev)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_cholesky(h, name, percdamp)
     del h
 
     codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
-    scales = torch.empty(k // group_size, n, dtype=torch.float32, device=dev)
-    zeros = torch.empty_like(scales)
+    order = perm.tolist()
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
         w1 = w[:, b0:b1].clone()
         err = torch.empty_like(w1)
         h1 = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % group_size == 0:  # a group starts: its parameters from the current weights
-                s, z = _group_params(w1[:, i:i + group_size], symmetric)
-                scales[col // group_size], zeros[col // group_size] = s[:, 0], z[:, 0]
-            q = (w1[:, i:i + 1] / s + z).round().clamp(0, 15)
-            codes[:, col] = q[:, 0].to(torch.uint8)
-            e = (w1[:, i] - (q[:, 0] - z[:, 0]) * s[:, 0]) / h1[i, i]
+            col = order[b0 + i]  # the input column, in the weight's own order
+            gi = col // group_size
+            if not static and col % group_size == 0:  # a group starts: from the current weights
+                s, z = params(w1[:, i:i + group_size], perm[b0 + i:b0 + i + group_size])
+                scales[gi], zeros[gi] = s[:, 0], z[:, 0]
+            s, z = scales[gi], zeros[gi]
+            q = (w1[:, i] / s + z).round().clamp(0, 15)
+            codes[:, col] = q.to(torch.uint8)
+            e = (w1[:, i] - (q - z) * s) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
             err[:, i] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]

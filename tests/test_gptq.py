@@ -57,7 +57,7 @@ def test_diagonal_hessian_is_round_to_nearest_on_gptqs_grid(symmetric):
     w, _ = _layer(n=16, k=128)
     g = 32
     h = torch.diag(torch.rand(128) + 0.5)
-    qt = gptq_quantize(w, h, g, symmetric)
+    qt = gptq_quantize(w, h, g, symmetric, shrinks=(1.0,))  # no clipping search
     wg = w.view(16, 128 // g, g)
     if symmetric:
         s = (wg.abs().amax(-1) * 2 / 15).half().float()
@@ -116,3 +116,62 @@ def test_bad_arguments_name_the_weight():
         gptq_quantize(w, torch.eye(96), 48)
     with pytest.raises(QliteError, match="Hessian"):
         gptq_quantize(torch.zeros(8, 64), torch.eye(32), 32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_act_order_keeps_static_groups_in_the_weights_own_order(symmetric):
+    """Activation order quantizes the columns by decreasing H[k, k], but every group's scale
+    and zero come from its own columns k // G of the weights before any feedback: the result
+    stays in the plain layout (GPTQ's g_idx = k // G, desc_act false)."""
+    w, x = _layer(n=32, k=256)
+    x = x * torch.linspace(0.2, 3.0, 256)[torch.randperm(256, generator=torch.Generator().manual_seed(1))]
+    h = Hessian(256)
+    h.add(x)
+    g = 64
+    qt = gptq_quantize(w, h.matrix(), g, symmetric, act_order=True, shrinks=(1.0,))
+    wg = w.view(32, 256 // g, g)
+    if symmetric:
+        s = (wg.abs().amax(-1) * 2 / 15).half()
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        s = ((hi - lo) / 15).half()
+        assert torch.equal(qt.zeros, (-lo / s.float()).round().half().T)
+    assert torch.equal(qt.scales, s.T)
+    plain = gptq_quantize(w, h.matrix(), g, symmetric, act_order=False, shrinks=(1.0,))
+    assert not torch.equal(qt.qweight, plain.qweight)  # the order did change the codes
+    rtn = quantize(w, 4, g, symmetric, "rtn").dequantize()
+    assert _output_error(x, w, qt.dequantize()) < 0.85 * _output_error(x, w, rtn)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_clipping_search_picks_each_groups_least_weighted_error(symmetric):
+    """With a diagonal Hessian (no feedback) each group's range is the shrink of the grid
+    whose H-weighted squared rounding error is smallest: checked by brute force here."""
+    w, _ = _layer(n=16, k=128)
+    w[:, 3] *= 6  # outliers, which clipping gives up on
+    d = torch.rand(128) + 0.5
+    g, shrinks = 32, (1.0, 0.95, 0.9, 0.85, 0.8)
+    qt = gptq_quantize(w, torch.diag(d), g, symmetric, shrinks=shrinks)
+    wg, dg = w.view(16, 128 // g, g), d.view(128 // g, g)
+    best_err, best_s = None, None
+    for f in shrinks:
+        if symmetric:
+            s = (wg.abs().amax(-1, keepdim=True) * 2 * f / 15).half().float()
+            z = torch.full_like(s, 8.0)
+        else:
+            lo = wg.amin(-1, keepdim=True).clamp(max=0) * f
+            hi = wg.amax(-1, keepdim=True).clamp(min=0) * f
+            s = ((hi - lo) / 15).half().float()
+            z = (-lo / s).round()
+        dq = ((wg / s + z).round().clamp(0, 15) - z) * s
+        err = ((dq - wg) ** 2 * dg).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_s = err, s
+        else:
+            best_s = torch.where(err < best_err, s, best_s)
+            best_err = torch.minimum(err, best_err)
+    assert torch.equal(qt.scales.float(), best_s[..., 0].T)
+    unclipped = gptq_quantize(w, torch.diag(d), g, symmetric, shrinks=(1.0,))
+    assert (qt.scales < unclipped.scales).any()  # some groups clipped
+    werr = lambda q: (((q.dequantize() - w) ** 2) * d).sum()  # noqa: E731
+    assert werr(qt) < werr(unclipped)

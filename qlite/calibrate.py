@@ -7,12 +7,15 @@ bench/bench_quality.py scores), tokenized, joined and cut into sequences of SEQ_
 
 The run (`gptq_layers`), one decoder layer at a time, so memory holds one layer in float32, the
 calibration hidden states [S, T, D] and that layer's Hessians, never the whole model:
-  1. the layer's weights are read from the source; the calibration hidden states (the output
-     of the already-quantized layers before it) go through it while hooks sum each linear's
-     input Hessian (linears that read the same input share one: q/k/v, gate/up), and each
-     routed expert's from the tokens the router sends it;
-  2. every target matrix is GPTQ'd, its packed tensors written through the checkpoint writer,
-     and its weight in the layer replaced by the dequantized result;
+  1. the layer's weights are read from the source;
+  2. stage by stage (STAGES: q/k/v, o_proj, gate/up or the routed experts, down_proj; GPTQ's
+     "true sequential"), the calibration hidden states (the output of the already-quantized
+     layers before it) go through the layer, as far as that stage, while hooks sum each of the
+     stage's linears' input Hessian (linears that read the same input share one: q/k/v,
+     gate/up), and each routed expert's from the tokens the router sends it; the stage's
+     matrices are GPTQ'd, their packed tensors written through the checkpoint writer, and
+     their weights in the layer replaced by the dequantized result, so the next stage sees
+     its inputs as the quantized model computes them;
   3. the hidden states go through the quantized layer: the next layer's inputs.
 lm_head (when quantized) gets the final norm's output. A routed expert that received fewer
 than MIN_EXPERT_TOKENS calibration tokens is quantized without calibration (FALLBACK); the
@@ -47,6 +50,11 @@ STDLIB_FILES = ("typing.py", "inspect.py", "enum.py", "subprocess.py", "threadin
                 "tempfile.py", "contextlib.py")
 # Linears that read the same input as another: one Hessian, one GPTQ run on their stacked rows.
 _SHARES_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+# True-sequential order inside a decoder layer: each stage's inputs are computed with the
+# stages before it already quantized. Routed experts are one stage (their down_proj inputs
+# from their own unquantized gate/up).
+STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj", "experts"),
+          ("down_proj",))
 
 
 def calibration_ids(tokenizer, file=None, tokens: int = DEFAULT_TOKENS) -> tuple[torch.Tensor, str]:
@@ -97,8 +105,9 @@ def _load(module, prefix, sources, reader, device, dtypes):
     return module
 
 
-def _collecting_experts(experts, h_gate_up, h_down):
-    """Experts.forward that also sums each expert's input Hessians (same output)."""
+def _collecting_experts(experts, h_gate_up, h_down, done):
+    """Experts.forward that also sums each expert's input Hessians (same output), then calls
+    done()."""
     def forward(x, topk_ids, topk_weights):
         out = torch.zeros_like(x)
         for e, tokens, pairs in expert_batches(topk_ids, experts.num_experts):
@@ -109,6 +118,7 @@ def _collecting_experts(experts, h_gate_up, h_down):
             h_down[e].add(act)
             out.index_add_(0, tokens, F.linear(act, experts.down_proj[e])
                            * topk_weights.flatten()[pairs, None])
+        done()
         return out
     return forward
 
@@ -178,14 +188,70 @@ def _input_owner(name: str) -> str:
     return f"{stem}.{owner}" if owner else name
 
 
+def _stage(name: str) -> int:
+    leaf = name.rpartition(".")[2]
+    return next((i for i, s in enumerate(STAGES) if leaf in s), len(STAGES))
+
+
+class _Stop(Exception):
+    """Ends a calibration forward once the stage's modules have had their inputs."""
+
+
+class _Until:
+    def __init__(self, names):
+        self.names, self.seen = set(names), set()
+
+    def __call__(self, name):
+        self.seen.add(name)
+        if self.seen >= self.names:
+            self.seen = set()
+            raise _Stop
+
+
+def _calibrate_stage(job, prefix, layer, names, h, cfg, device):
+    """The Hessians of one stage's linears (`names`, relative to the layer), from the layer
+    whose earlier stages are already quantized, then their GPTQ."""
+    hessians, hooks, experts = {}, [], None
+    owners = {_input_owner(n) for n in names}
+    until = _Until(owners)
+    for n in owners:
+        m = layer.get_submodule(n)
+        if isinstance(m, Experts):
+            experts = (n, m, [Hessian(m.gate_up_proj.shape[-1], device) for _ in range(m.num_experts)],
+                       [Hessian(m.down_proj.shape[-1], device) for _ in range(m.num_experts)])
+            m.forward = _collecting_experts(m, experts[2], experts[3], lambda n=n: until(n))
+        else:
+            hessians[n] = Hessian(m.in_features, device)
+
+            def hook(mod, args, hs=hessians[n], n=n):
+                hs.add(args[0])
+                until(n)
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        _forward(layer, h, cfg, device, keep=False)  # the output is not needed
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if experts is not None:
+            del experts[1].forward
+    job.linears(prefix, layer, [n for n in names if experts is None or n != experts[0]],
+                hessians)
+    if experts is not None:
+        job.experts(prefix + experts[0], *experts[1:])
+
+
 def _forward(layer, h, cfg, device, keep=True):
-    """h [S, T, D] through one decoder layer, BATCH_TOKENS at a time; in place if `keep`."""
+    """h [S, T, D] through one decoder layer, BATCH_TOKENS at a time; in place if `keep`,
+    else until a hook raises _Stop."""
     s, t, _ = h.shape
     step = max(1, BATCH_TOKENS // t)
     pos = torch.arange(t, device=device)[None]
     cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
     for i in range(0, s, step):
-        y = layer(h[i:i + step], cos, sin, None, None)
+        try:
+            y = layer(h[i:i + step], cos, sin, None, None)
+        except _Stop:
+            continue
         if keep:
             h[i:i + step] = y
 
@@ -216,27 +282,9 @@ def gptq_layers(cfg, targets: set[str], q, sources, reader, writer, dtypes,
             layer = DecoderLayer(cfg, i)
         _load(layer, prefix, sources, reader, device, dtypes)
         names = [n for n, _ in layer.named_modules() if prefix + n in targets]
-        hessians, hooks, experts = {}, [], None
-        for n in names:
-            m = layer.get_submodule(n)
-            if isinstance(m, Experts):
-                experts = (n, m, [Hessian(m.gate_up_proj.shape[-1], device) for _ in range(m.num_experts)],
-                           [Hessian(m.down_proj.shape[-1], device) for _ in range(m.num_experts)])
-                m.forward = _collecting_experts(m, experts[2], experts[3])
-            elif _input_owner(n) == n:
-                hessians[n] = Hessian(m.in_features, device)
-                hooks.append(m.register_forward_pre_hook(
-                    lambda mod, args, hs=hessians[n]: hs.add(args[0])))
-        _forward(layer, h, cfg, device, keep=False)  # 1: the Hessians (the output is not needed)
-        for hook in hooks:
-            hook.remove()
-        job.linears(prefix, layer, [n for n in names if experts is None or n != experts[0]],
-                    hessians)
-        if experts is not None:
-            n, m, h_gu, h_down = experts
-            del m.forward
-            job.experts(prefix + n, m, h_gu, h_down)
-        del hessians, experts
+        for stage in sorted({_stage(n) for n in names}):  # 1-2 for each stage in turn
+            _calibrate_stage(job, prefix, layer, [n for n in names if _stage(n) == stage],
+                             h, cfg, device)
         _forward(layer, h, cfg, device)  # 3: through the quantized layer
         done.update(prefix + n for n in names)
         del layer

@@ -79,6 +79,21 @@ def test_dense_gptq_beats_rtn_and_layer_zero_is_gptq_of_its_inputs(tiny_dense, t
     # inputs (e.g. without the norm) agree on ~70%
     assert (expect == got).float().mean() > 0.98
 
+    # Layer 0's o_proj (true sequential): GPTQ of its inputs as the *quantized* q/k/v make them.
+    def o_proj_codes(source):
+        xs = []
+        hook = source.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args: xs.append(args[0].reshape(-1, 64)))
+        with torch.no_grad():
+            source(ids)
+        hook.remove()
+        x = torch.cat(xs)
+        w = attn.o_proj.weight.detach()
+        return unpack_int4(gptq_quantize(w, 2 * x.T @ x / x.shape[0], 32, True).qweight)
+    got = unpack_int4(model.model.layers[0].self_attn.o_proj.qweight)
+    same, from_float = [(o_proj_codes(m) == got).float().mean().item() for m in (model, ref)]
+    assert same > 0.98 and from_float < same - 0.02, (same, from_float)
+
 
 def test_moe_experts_calibrated_from_their_tokens_or_counted_as_fallback(moe32, text, tmp_path,
                                                                         monkeypatch):

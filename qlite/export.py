@@ -10,7 +10,9 @@ per expert (`mlp.experts.E.{gate,up,down}_proj`); the router, the shared-expert 
 the embedding and lm_head are written in float16 (a quantized embedding or lm_head is
 dequantized to float16). config.json gets `quantization_config` {quant_method gptq, bits 4,
 group_size, sym true, desc_act false, checkpoint_format gptq} in place of qlite's section;
-tokenizer files and the chat template are copied.
+tokenizer files and the chat template are copied. desc_act false holds for `--method gptq`
+sources too: their activation order used static groups (quant/gptq.py), so the weights are
+stored in their own order with g_idx = k // G (`static_groups` says so in the config).
 
 Streamed and atomic like `qlite quantize`: every header is written first, one tensor at a time
 after, into `.OUT.tmp-*`, renamed to OUT at the end.
@@ -26,6 +28,7 @@ import torch
 
 from qlite.checkpoint import ShardWriter, TensorReader, publish_dir, read_checkpoint, write_json
 from qlite.errors import QliteError
+from qlite.quant.gptq import PERCDAMP
 
 FORMATS = ("gptq",)
 _PACKED = ("qweight", "scales", "zeros")
@@ -168,7 +171,8 @@ def export_checkpoint(src, out, fmt: str = "gptq", force: bool = False, progress
             raw["dtype"] = "float16"
         raw["quantization_config"] = {
             "quant_method": "gptq", "bits": 4, "group_size": g, "sym": True, "desc_act": False,
-            "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
+            "static_groups": q.get("method") == "gptq", "true_sequential": True,
+            "damp_percent": PERCDAMP,
             "checkpoint_format": "gptq", "meta": {"quantizer": ["qlite"],
                                                   "qlite_method": q.get("method")}}
         write_json(tmp / "config.json", raw)  # last: a directory without it is no model

@@ -11,9 +11,9 @@ rounding error over the columns not yet quantized in proportion to the inverse H
 
 where Hinv is the upper Cholesky factor of H^-1 (each step then needs only its own row). The
 updates are applied lazily: within a block of 128 columns one column at a time, to the rest of
-the matrix once per block (one matmul). H is damped by 1% of its mean diagonal; an input column
-that never saw a non-zero value gets H[k, k] = 1 (its weights are still quantized, and neither
-give nor take error feedback).
+the matrix once per block (one matmul). H is damped by 5% of its mean diagonal (PERCDAMP); an
+input column that never saw a non-zero value gets H[k, k] = 1 (its weights are still quantized,
+and neither give nor take error feedback).
 
 Two refinements, both on by default (measured on the demo model, bench/results/quality.md):
   activation order (`act_order`, GPTQ's desc_act): the columns are quantized by decreasing
@@ -47,8 +47,8 @@ from qlite.errors import QliteError
 from .formats import GROUP_SIZES, QuantizedTensor, pack_int4
 
 BLOCK = 128  # columns per lazy update; a multiple of every group size
-PERCDAMP = 0.01
-VERSION = "2-actorder-clip"  # names the defaults below (bench/bench_quality.py keys its cache on it)
+PERCDAMP = 0.05  # of the mean diagonal (GPTQModel's default; 0.01 is the paper's)
+VERSION = "4-actorder-clip-trueseq-damp05"  # names the defaults below (bench/bench_quality.py keys its cache on it)
 CLIP_SHRINKS = tuple(1 - i / 100 for i in range(26))  # each group's range x 1.00, 0.99 .. 0.75
 _MIN_SCALE = 1e-6
 

@@ -62,7 +62,7 @@ def test_dense_export_decodes_to_the_same_weights(tiny_dense, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization" not in cfg and cfg["quantization_config"] | {"meta": None} == {
         "quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False,
-        "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
+        "static_groups": False, "true_sequential": True, "damp_percent": 0.05,
         "checkpoint_format": "gptq", "meta": None}
     assert (out / "tokenizer.json").read_bytes() == (q / "tokenizer.json").read_bytes()
     t = load_file(out / "model.safetensors")

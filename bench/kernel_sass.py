@@ -89,6 +89,8 @@ def cases(dtypes=("bfloat16",)):
                 kernel = c.pop("kernel")
                 c.update({k: v for k, v in dict(F16=dt == "float16", DOT_F32=dt == "float32",
                                                 PAIRS=dt != "float32").items() if k in c})
+                if "TILE16" in c:
+                    c["TILE16"] = c["TILE16"] and dt != "float32"
                 base = fused_moe.DECODE_SIGNATURE if kernel == "moe_gemv_kernel" else fused_moe.SIGNATURE
                 sig = dict(base, a_ptr=a, qw_ptr=w, out_ptr=a if c["GATE_UP"] else "*fp32")
                 out.append(_case("moe-" + ("gateup" if c["GATE_UP"] else "down"), "fused_moe." + kernel,

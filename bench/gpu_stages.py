@@ -298,7 +298,7 @@ def kernels(log, dry):
                 # the operator a model calls: the backend it chose for this shape (QLITE_TUNE=1)
                 op = rot(lambda x: torch.ops.qlite.quant_matmul(x, *qs[4], 4, 128, None), xs)
                 op()
-                use = ops._backend.get((ops._rows(m), n, k, 128, False, torch.bfloat16, device)) or "?"
+                use = ops._backend.get((ops._rows(m), n, k, 128, False, torch.bfloat16, xs[0].device)) or "?"
                 rows[f"qlite-op-int4({use})"] = (bench(op), rows["qlite-int4"][1])
             if nf4 is not None:
                 rows["bnb-nf4"] = (bench(rot(nf4, xh)), n * k // 2 + n * k // 64 * 4)

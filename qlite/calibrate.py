@@ -3,7 +3,8 @@ one matrix; this runs the model to get each matrix's inputs).
 
 Calibration text (`calibration_ids`): a UTF-8 text file, or by default a fixed list of Python
 standard-library sources read from the running interpreter (disjoint from the files
-bench/bench_quality.py scores), tokenized, joined and cut into sequences of SEQ_LEN tokens.
+bench/bench_quality.py scores), each tokenized and cut into sequences of SEQ_LEN tokens, taken
+from the files in turn (the first sequence of every file, then the second, ...).
 
 The run (`gptq_layers`), one decoder layer at a time, so memory holds one layer in float32, the
 calibration hidden states [S, T, D] and that layer's Hessians, never the whole model:
@@ -23,6 +24,7 @@ than MIN_EXPERT_TOKENS calibration tokens is quantized without calibration (FALL
 """
 from __future__ import annotations
 
+import itertools
 import sysconfig
 import time
 from dataclasses import replace
@@ -73,16 +75,20 @@ def calibration_ids(tokenizer, file=None, tokens: int = DEFAULT_TOKENS) -> tuple
         texts = [(root / f).read_text(encoding="utf-8") for f in STDLIB_FILES
                  if (root / f).is_file()]
         what = "python-stdlib"
-    ids: list[int] = []
+    # Sequence j of every text before sequence j + 1 of any: the default text's files each
+    # contribute, so a few thousand tokens already cover many styles of code (consecutive
+    # tokens from the first files fit them, and generalize worse: bench/results/quality.md).
+    chunks, count = [], 0
     for text in texts:
-        ids += tokenizer.encode(text)
-        if len(ids) >= tokens:
-            break
-    rows = min(tokens, len(ids)) // SEQ_LEN
-    if rows == 0:
-        raise QliteError(f"calibration {what}: {len(ids)} tokens, fewer than one sequence "
+        ids = tokenizer.encode(text)
+        count += len(ids)
+        chunks.append([ids[i:i + SEQ_LEN] for i in range(0, len(ids) - SEQ_LEN + 1, SEQ_LEN)])
+    rows = [c for turn in itertools.zip_longest(*chunks) for c in turn if c is not None]
+    rows = rows[:tokens // SEQ_LEN]
+    if not rows:
+        raise QliteError(f"calibration {what}: {count} tokens, fewer than one sequence "
                          f"of {SEQ_LEN}")
-    return torch.tensor(ids[:rows * SEQ_LEN]).view(rows, SEQ_LEN), what
+    return torch.tensor(rows), what
 
 
 def _load(module, prefix, sources, reader, device, dtypes):

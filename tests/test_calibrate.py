@@ -4,6 +4,7 @@ import inspect
 import json
 import json.decoder
 import json.encoder
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,7 @@ def test_default_calibration_text_is_disjoint_from_the_quality_bench():
 
     ids, what = calibrate.calibration_ids(Chars(), None, 4096)
     assert what == "python-stdlib" and ids.shape == (8, 512)
+    # one sequence from each of the first 8 files, not 8 from the first one
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for row, name in zip(ids, calibrate.STDLIB_FILES):
+        assert row.tolist() == Chars().encode((root / name).read_text()[:512]), name

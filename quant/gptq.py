@@ -48,7 +48,8 @@ from .formats import GROUP_SIZES, QuantizedTensor, pack_int4
 
 BLOCK = 128  # columns per lazy update; a multiple of every group size
 PERCDAMP = 0.05  # of the mean diagonal (GPTQModel's default; 0.01 is the paper's)
-VERSION = "5-actorder-clip-trueseq-damp05-spread"  # names the defaults below (bench/bench_quality.py keys its cache on it)
+# names the defaults below and calibrate's text (bench/bench_quality.py keys its cache on it)
+VERSION = "5-actorder-clip-trueseq-damp05-spread"
 CLIP_SHRINKS = tuple(1 - i / 100 for i in range(26))  # each group's range x 1.00, 0.99 .. 0.75
 _MIN_SCALE = 1e-6
 

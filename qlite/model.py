@@ -109,8 +109,10 @@ class KVCache(nn.Module):
         """Write row r's k/v [R, Hkv, 1, D] at slot positions[r] for the first R rows (an
         indexed copy: no host read of the positions); return those rows' whole cache."""
         r = k.shape[0]
-        self.k[self.rows[:r], :, positions] = k[:, :, 0]
-        self.v[self.rows[:r], :, positions] = v[:, :, 0]
+        # An indexed copy does not convert as a sliced one does, and the cache may be float32
+        # under a 16-bit model (setup_cache).
+        self.k[self.rows[:r], :, positions] = k[:, :, 0].to(self.k.dtype)
+        self.v[self.rows[:r], :, positions] = v[:, :, 0].to(self.v.dtype)
         return self.k[:r], self.v[:r]
 
 

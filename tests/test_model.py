@@ -203,3 +203,25 @@ def test_decode_step_of_the_first_rows_equals_the_full_step(tiny_dense):
         full = model.decode_step(tokens, positions)
     assert first.shape == (2, 320)
     assert (first - full[:2]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("slow_half", [True, False])
+def test_bfloat16_decodes_on_either_kind_of_cpu(tiny_dense, slow_half, monkeypatch):
+    """Without bf16 units the cache of a bfloat16 model is float32 (setup_cache): a decode
+    step's indexed write converts the new keys (it does not as a sliced write does). Whichever
+    CPU runs the suite, both paths run; bfloat16 keys widen exactly, so the written slot equals
+    the step's keys in either cache."""
+    import qlite.model as M
+    monkeypatch.setattr(M, "CPU_HALF_IS_SLOW", slow_half)
+    model = qlite.load(tiny_dense[0], dtype="bfloat16")
+    gen = model.generate("hello world", temperature=0, max_new_tokens=4, repetition_penalty=1.0)
+    gen.text()
+    assert len(gen.stats.token_ids) == 4
+    cache = model.model.layers[0].self_attn.cache
+    assert cache.k.dtype == (torch.float32 if slow_half else torch.bfloat16)
+    with torch.no_grad():
+        pos = torch.tensor([9])
+        model.decode_step(torch.tensor([5]), pos)
+        k = cache.k[0, :, 9].clone()
+        model.decode_step(torch.tensor([5]), pos)  # the same token again: the same keys
+    assert torch.equal(cache.k[0, :, 9], k) and k.abs().sum() > 0

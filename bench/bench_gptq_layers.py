@@ -37,6 +37,8 @@ VARIANTS = {  # name -> gptq_quantize options (None: round to nearest)
     "actorder-damp01": dict(act_order=True, percdamp=0.01, **NO_CLIP),
     "clip-damp01": dict(act_order=False, percdamp=0.01),
     "actorder-clip-damp01": dict(act_order=True, percdamp=0.01),
+    "intzero": dict(integer_zero=True, refit=False),  # the second round's default
+    "floatzero": dict(refit=False),
     "default": dict(),  # quant/gptq.py's defaults
 }
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

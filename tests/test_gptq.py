@@ -57,7 +57,7 @@ def test_diagonal_hessian_is_round_to_nearest_on_gptqs_grid(symmetric):
     w, _ = _layer(n=16, k=128)
     g = 32
     h = torch.diag(torch.rand(128) + 0.5)
-    qt = gptq_quantize(w, h, g, symmetric, shrinks=(1.0,))  # no clipping search
+    qt = gptq_quantize(w, h, g, symmetric, shrinks=(1.0,), refit=False)  # no clipping, no refit
     wg = w.view(16, 128 // g, g)
     if symmetric:
         s = (wg.abs().amax(-1) * 2 / 15).half().float()
@@ -65,7 +65,7 @@ def test_diagonal_hessian_is_round_to_nearest_on_gptqs_grid(symmetric):
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
         s = ((hi - lo) / 15).half().float()
-        z = (-lo / s).round()
+        z = (-lo / s).half().float()  # a float zero point, as qlite stores it
     codes = (wg / s[..., None] + z[..., None]).round().clamp(0, 15).view(16, 128)
     assert torch.equal(unpack_int4(qt.qweight).float(), codes)
     assert torch.equal(qt.scales.float(), s.T)
@@ -84,7 +84,7 @@ def test_packed_result_follows_qlites_layout(symmetric):
         assert qt.zeros is None
     else:
         assert qt.zeros.shape == (2, 48) and qt.zeros.dtype == torch.float16
-        assert torch.equal(qt.zeros, qt.zeros.round()) and qt.zeros.min() >= 0 and qt.zeros.max() <= 15
+        assert torch.isfinite(qt.zeros).all()
     # dequantize by hand from the documented layout
     codes = torch.stack((qt.qweight & 15, qt.qweight >> 4), -1).view(48, 128).float()
     z = 8.0 if symmetric else qt.zeros.float().T.repeat_interleave(64, 1)
@@ -128,16 +128,17 @@ def test_act_order_keeps_static_groups_in_the_weights_own_order(symmetric):
     h = Hessian(256)
     h.add(x)
     g = 64
-    qt = gptq_quantize(w, h.matrix(), g, symmetric, act_order=True, shrinks=(1.0,))
+    qt = gptq_quantize(w, h.matrix(), g, symmetric, act_order=True, shrinks=(1.0,), refit=False)
     wg = w.view(32, 256 // g, g)
     if symmetric:
         s = (wg.abs().amax(-1) * 2 / 15).half()
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
         s = ((hi - lo) / 15).half()
-        assert torch.equal(qt.zeros, (-lo / s.float()).round().half().T)
+        assert torch.equal(qt.zeros, (-lo / s.float()).half().T)
     assert torch.equal(qt.scales, s.T)
-    plain = gptq_quantize(w, h.matrix(), g, symmetric, act_order=False, shrinks=(1.0,))
+    plain = gptq_quantize(w, h.matrix(), g, symmetric, act_order=False, shrinks=(1.0,),
+                          refit=False)
     assert not torch.equal(qt.qweight, plain.qweight)  # the order did change the codes
     rtn = quantize(w, 4, g, symmetric, "rtn").dequantize()
     assert _output_error(x, w, qt.dequantize()) < 0.85 * _output_error(x, w, rtn)
@@ -151,7 +152,7 @@ def test_clipping_search_picks_each_groups_least_weighted_error(symmetric):
     w[:, 3] *= 6  # outliers, which clipping gives up on
     d = torch.rand(128) + 0.5
     g, shrinks = 32, (1.0, 0.95, 0.9, 0.85, 0.8)
-    qt = gptq_quantize(w, torch.diag(d), g, symmetric, shrinks=shrinks)
+    qt = gptq_quantize(w, torch.diag(d), g, symmetric, shrinks=shrinks, refit=False)
     wg, dg = w.view(16, 128 // g, g), d.view(128 // g, g)
     best_err, best_s = None, None
     for f in shrinks:
@@ -162,7 +163,7 @@ def test_clipping_search_picks_each_groups_least_weighted_error(symmetric):
             lo = wg.amin(-1, keepdim=True).clamp(max=0) * f
             hi = wg.amax(-1, keepdim=True).clamp(min=0) * f
             s = ((hi - lo) / 15).half().float()
-            z = (-lo / s).round()
+            z = (-lo / s).half().float()
         dq = ((wg / s + z).round().clamp(0, 15) - z) * s
         err = ((dq - wg) ** 2 * dg).sum(-1, keepdim=True)
         if best_err is None:
@@ -171,7 +172,34 @@ def test_clipping_search_picks_each_groups_least_weighted_error(symmetric):
             best_s = torch.where(err < best_err, s, best_s)
             best_err = torch.minimum(err, best_err)
     assert torch.equal(qt.scales.float(), best_s[..., 0].T)
-    unclipped = gptq_quantize(w, torch.diag(d), g, symmetric, shrinks=(1.0,))
+    unclipped = gptq_quantize(w, torch.diag(d), g, symmetric, shrinks=(1.0,), refit=False)
     assert (qt.scales < unclipped.scales).any()  # some groups clipped
     werr = lambda q: (((q.dequantize() - w) ** 2) * d).sum()  # noqa: E731
     assert werr(qt) < werr(unclipped)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_refit_keeps_the_codes_and_lowers_every_rows_weighted_error(symmetric):
+    """After the column loop, each row's group scales (and zeros) are refitted by least squares
+    to its output error with the codes fixed: the codes are GPTQ's own, no row's error
+    (w - dq)^T H (w - dq) (H damped as GPTQ damps it) grows, and the whole output error falls."""
+    w, x = _layer(n=64, k=256)
+    h = Hessian(256)
+    h.add(x)
+    for g in (32, 128):
+        plain = gptq_quantize(w, h.matrix(), g, symmetric, refit=False)
+        qt = gptq_quantize(w, h.matrix(), g, symmetric)
+        assert torch.equal(qt.qweight, plain.qweight)
+        assert not torch.equal(qt.scales, plain.scales)
+        hd = h.matrix() + 0.05 * h.matrix().diagonal().mean() * torch.eye(256)
+
+        def row_error(q):
+            e = w - q.dequantize()
+            return ((e @ hd) * e).sum(-1)
+        # float16 rounding of the refitted values can cost a row a little; such a row keeps
+        # its old values, so the error is never larger (exactly)
+        assert (row_error(qt) <= row_error(plain)).all()
+        # measured (seed 0) 0.96-0.98x of the plain output error at g32, 0.99 at g128 (fewer
+        # groups, fewer free values per row): at g32 0.99 says the refit did something
+        bound = 0.99 if g == 32 else 1.0
+        assert _output_error(x, w, qt.dequantize()) < bound * _output_error(x, w, plain.dequantize())

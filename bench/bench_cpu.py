@@ -323,13 +323,20 @@ def write_table(args, results, compiles) -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU's name and whether it has bf16 units: this project's machines differ between
+    sessions (2-core AMD EPYCs with AVX2 only, or with AVX-512 BF16), and 16-bit figures with
+    them."""
+    name = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    import torch
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return f"{name}, {'AVX-512 BF16' if bf16 else 'no bf16 units'}"
 
 
 if __name__ == "__main__":

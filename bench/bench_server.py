@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 import openai
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cpu  # noqa: E402  (its machine line)
 
 PROMPTS = [
     "Write a Python function that merges two sorted lists, with a docstring and tests.",
@@ -139,7 +140,7 @@ def main():
         f"Model {args.model}, device {args.device or 'default'}, dtype {args.dtype or 'default'}, "
         f"greedy chat, max_tokens {args.max_tokens}, --context {args.context}, "
         f"{args.threads or 'default'} torch threads. "
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs as seen by the process"
+        f"Machine: {bench_cpu._cpu_name()}, {os.cpu_count()} CPUs as seen by the process"
         f". {args.note + ' ' if args.note else ''}Ratios are against the faster 1-client "
         "round of the same run (a --max-batch 1 server decodes one row a step; a --max-batch "
         f"{max(args.clients)} one the rows up to its last busy one, rounded up to a power of "

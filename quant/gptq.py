@@ -234,9 +234,17 @@ def _refit_groups(w, codes, scales, zeros, h, g, symmetric):
         a = torch.cat([torch.cat([ss, sb], 2),
                        torch.cat([sb.transpose(1, 2), bb.expand(n, ng, ng)], 2)], 1)
         rhs = torch.cat([rhs, hw.sum(-1)], 1)
-    ridge = 1e-6 * a.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp(min=1e-12)
-    eye = torch.eye(a.shape[1], device=w.device)
-    sol, info = torch.linalg.solve_ex(a + ridge[..., None] * eye, rhs)
+    # Jacobi-scaled, ridged, in float64, by Cholesky: a row whose system is still singular (a
+    # group whose codes are all equal has collinear s and b) fails alone (info) and keeps its
+    # old values; LU's solve would stop the whole batch.
+    a, rhs = a.double(), rhs.double()
+    d = a.diagonal(dim1=1, dim2=2).clamp(min=1e-30).rsqrt()
+    a = a * d[:, :, None] * d[:, None, :] + 1e-9 * torch.eye(a.shape[1], dtype=a.dtype,
+                                                             device=a.device)
+    low, info = torch.linalg.cholesky_ex(a)
+    ok = info == 0
+    low[~ok] = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    sol = (torch.cholesky_solve((rhs * d)[..., None], low)[..., 0] * d).float()
     s_new = sol[:, :ng].clamp(min=_MIN_SCALE).half().float()
     z_new = zeros.T if symmetric else (-sol[:, ng:] / s_new).half().float()
 
@@ -244,7 +252,7 @@ def _refit_groups(w, codes, scales, zeros, h, g, symmetric):
         e = w - ((codes.float().view(n, ng, g) - z[..., None]) * s[..., None]).view(n, k)
         return ((e @ h) * e).sum(-1)
     old_s, old_z = scales.T, zeros.T
-    ok = (info == 0) & torch.isfinite(s_new).all(1) & torch.isfinite(z_new).all(1)
+    ok = ok & torch.isfinite(s_new).all(1) & torch.isfinite(z_new).all(1)
     better = ok & (error(s_new, z_new) < error(old_s, old_z))
     s = torch.where(better[:, None], s_new, old_s)
     z = torch.where(better[:, None], z_new, old_z)

@@ -203,3 +203,19 @@ def test_refit_keeps_the_codes_and_lowers_every_rows_weighted_error(symmetric):
         # groups, fewer free values per row): at g32 0.99 says the refit did something
         bound = 0.99 if g == 32 else 1.0
         assert _output_error(x, w, qt.dequantize()) < bound * _output_error(x, w, plain.dequantize())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_refit_survives_singular_rows(symmetric):
+    """A group whose codes are all equal (a constant or all-zero group) makes its row's least
+    squares system singular: that row keeps GPTQ's own values, the others are refitted."""
+    w, x = _layer(n=16, k=128)
+    w[3, :32] = 0.05  # one code for the whole group
+    w[5, 32:64] = 0.0  # all-zero group
+    h = Hessian(128)
+    h.add(x)
+    qt = gptq_quantize(w, h.matrix(), 32, symmetric)
+    plain = gptq_quantize(w, h.matrix(), 32, symmetric, refit=False)
+    assert torch.isfinite(qt.dequantize()).all()
+    assert torch.equal(qt.qweight, plain.qweight)
+    assert not torch.equal(qt.scales, plain.scales)

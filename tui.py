@@ -640,7 +640,7 @@ class ChatScreen(Screen):
             stats = self.last_stats
             if stats is not None:
                 parts.append(f"prefill {stats.prefill_tokens_per_s:,.0f} · "
-                             f"decode {stats.decode_tokens_per_s:,.1f} tok/s")
+                             f"decode {stats.decode_rate}")
             memory = []
             gpu = gpu_memory(model)
             if gpu is not None:

@@ -81,12 +81,17 @@ class GenerationStats:
         steps = self.generated_tokens - 1  # the first token comes out of the prefill
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
+    @property
+    def decode_rate(self) -> str:
+        """"N.N tok/s", or "–" when no decode step ran (one token comes out of the prefill)."""
+        return f"{self.decode_tokens_per_s:,.1f} tok/s" if self.generated_tokens > 1 else "–"
+
     def summary(self) -> str:
         reused = f" ({self.reused_tokens} from cache)" if self.reused_tokens else ""
         return (f"prompt {self.prompt_tokens} tokens{reused}, "
                 f"generated {self.generated_tokens} tokens, "
                 f"prefill {self.prefill_tokens_per_s:.1f} tok/s, "
-                f"decode {self.decode_tokens_per_s:.1f} tok/s")
+                f"decode {self.decode_rate}")
 
 
 def fit_chat(tokenizer, messages: list[dict], context: int, reserve: int):

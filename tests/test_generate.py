@@ -265,3 +265,13 @@ def test_the_token_layer_yields_the_ids_the_text_layer_decodes(dense):
     # every yielded token is fed before the next is sampled, except the last one at "length"
     fed = tokens if gen.stats.finish_reason == "stop" else tokens[:-1]
     assert model.cache.held[0] == ids + fed
+
+
+def test_decode_rate_is_a_dash_when_no_decode_step_ran():
+    # the first token comes out of the prefill: one generated token means no decode step
+    from qlite.generate import GenerationStats
+    one = GenerationStats(prompt_tokens=4, generated_tokens=1, prefill_seconds=0.5)
+    assert one.summary().endswith("decode –")
+    five = GenerationStats(prompt_tokens=4, generated_tokens=5, prefill_seconds=0.5,
+                           decode_seconds=2.0)
+    assert five.summary().endswith("decode 2.0 tok/s")

@@ -334,9 +334,8 @@ def _cpu_name() -> str:
                 break
     except OSError:
         pass
-    import torch
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return f"{name}, {'AVX-512 BF16' if bf16 else 'no bf16 units'}"
+    from qlite.model import CPU_HALF_IS_SLOW
+    return f"{name}, {'no bf16 units' if CPU_HALF_IS_SLOW else 'AVX-512 BF16'}"
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ def main(argv=None):
     p.add_argument("--base", default="gptq", choices=["gptq", "rtn", "16bit"],
                    help="the model the swaps go into (a fresh one for each)")
     args = p.parse_args(argv)
+    for swap in args.swap or ():
+        src, colon, pats = swap.partition(":")
+        if swap and (src not in ("gptq", "rtn", "16bit") or not colon or not pats):
+            p.error(f"--swap {swap!r}: expected SOURCE:PATTERNS, SOURCE one of gptq, rtn, 16bit")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.calibration_tokens is None:
@@ -78,21 +82,21 @@ def main(argv=None):
             for _, text in bench_quality.stdlib_texts(args.files)]
     ckpt, _ = bench_quality.gptq_checkpoint(args.variant, bench_quality.VARIANTS[args.variant][1],
                                             model_dir, args)
-    sources = {"16bit": bench_quality.build("16bit", {}, model_dir, "float32")}
     kind, opts = bench_quality.VARIANTS[args.rtn]
-    sources["rtn"] = bench_quality.build(kind, opts, model_dir, "float32")
+    make = {"gptq": lambda: qlite.load(ckpt, dtype="float32"),
+            "16bit": lambda: bench_quality.build("16bit", {}, model_dir, "float32"),
+            "rtn": lambda: bench_quality.build(kind, opts, model_dir, "float32")}
+    sources = {"16bit": make["16bit"]()}  # the swaps' donors, each built once when first needed
     base, _ = bench_quality.perplexity(sources["16bit"], seqs)
     print(f"16bit ppl {base:.4f}", flush=True)
-    sources["gptq"] = qlite.load(ckpt, dtype="float32")
-    fresh = {"gptq": lambda: qlite.load(ckpt, dtype="float32"),
-             "16bit": lambda: bench_quality.build("16bit", {}, model_dir, "float32"),
-             "rtn": lambda: bench_quality.build(kind, opts, model_dir, "float32")}[args.base]
     label = {"gptq": args.variant, "rtn": args.rtn, "16bit": "16bit"}[args.base]
     for swap in args.swap or DEFAULT_SWAPS:
-        model = fresh()
+        model = make[args.base]()
         what = f"{label} as is"
         if swap:
             src, _, pats = swap.partition(":")
+            if src not in sources:
+                sources[src] = make[src]()
             names = _selected(list(_matrices(model)), pats.split(","))
             _swap(model, names, sources[src])
             what = f"{label}, {src} for {pats} ({len(names)} matrices)"
